@@ -1,0 +1,75 @@
+"""Callbacks that draw samples: grids during validation, and the final samples, checked by a real-data classifier."""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..artifacts import save_grid, save_json, save_npz
+from ..classifier import fit_classifier, label_accuracy
+
+
+def class_labels(n: int, num_classes: int, device) -> torch.Tensor | None:
+    """Labels 0, 1, ..., C-1, 0, 1, ... for n samples, or None for an unconditional model."""
+    return torch.arange(n, device=device) % num_classes if num_classes else None
+
+
+def log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
+    """Send a saved PNG to every logger that takes images (W&B); others only keep the file."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[str(path)], step=step)
+
+
+class SampleGrid(L.Callback):
+    """Every `every_n_epochs` validations, draw `n` samples with the EMA weights and save / log a grid."""
+
+    def __init__(self, n: int = 64, every_n_epochs: int = 1, seed: int = 0):
+        self.n, self.every_n_epochs, self.seed = n, every_n_epochs, seed
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        # during validation the EMA weights are swapped in, so these are the EMA model's samples
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if trainer.current_epoch % self.every_n_epochs:
+            return
+        labels = class_labels(self.n, pl_module.num_classes, pl_module.device)
+        x, _ = pl_module.generate(self.n, labels, generator=torch.Generator().manual_seed(self.seed))
+        path = save_grid(x, Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step:07d}.png")
+        log_image(trainer, "samples", path, trainer.global_step)
+
+
+class FinalSamples(L.Callback):
+    """When fitting ends (EMA weights in place): draw guided samples, save grid + .npz, and score them.
+
+    For labelled data, a classifier trained on the real training images labels the samples; the fraction labelled
+    as the class asked for is logged as `final/classifier_accuracy` and written to `metrics.json`.
+    """
+
+    def __init__(self, n_per_class: int = 50, n_unconditional: int = 256, seed: int = 0):
+        self.n_per_class, self.n_unconditional, self.seed = n_per_class, n_unconditional, seed
+        self.metrics: dict = {}
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        num_classes = pl_module.num_classes
+        n = self.n_per_class * num_classes if num_classes else self.n_unconditional
+        labels = class_labels(n, num_classes, pl_module.device)
+        pl_module.eval()
+        x, nfe = pl_module.generate(n, labels, generator=torch.Generator().manual_seed(self.seed))
+        run_dir = Path(trainer.default_root_dir)
+        save_grid(x[:100] if num_classes else x, run_dir / "samples" / "final.png", nrow=num_classes or None)
+        save_npz(run_dir / "samples" / "final.npz", samples=x, labels=labels if labels is not None else torch.empty(0))
+        self.metrics = {"final/nfe": nfe, "final/num_samples": n, "final/guidance_scale": pl_module.guidance_scale}
+        datamodule = trainer.datamodule
+        if num_classes:
+            images, real_labels = datamodule.train_tensors()
+            classifier = fit_classifier(images, real_labels)
+            self.metrics["final/classifier_accuracy"] = label_accuracy(classifier, x, labels)
+        for logger in trainer.loggers:
+            logger.log_metrics(self.metrics, step=trainer.global_step)
+        save_json(run_dir / "metrics.json", self.metrics)
+        rank_zero_info("final samples: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                      for k, v in self.metrics.items()))

@@ -1,0 +1,149 @@
+"""The one LightningModule every family shares: a choice along each axis of the design space.
+
+A family is a config that picks a process, a parameterization, a weighting w(t), a noise-level draw p(t) and a
+default sampler (plus, rarely, a short subclass for what is truly its own, e.g. DDPM's learned variances).
+The module composes them; the math lives in the plain-torch modules it imports.
+"""
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ..losses import denoising_loss
+from ..noise_levels import stratified_draws, uniform_draws
+from ..parameterizations import Denoiser, Parameterization
+from ..processes import Process
+from ..samplers import CountingDenoiser, classifier_free_guidance
+
+
+class DiffusionModel(L.LightningModule):
+    """Trains D(x_t, t) with L = E_{t ~ p(t)} [w(t) ||eps_hat - eps||^2] and samples with any core sampler.
+
+    Args:
+        noise_levels: u in [0, 1) -> t (an inverse CDF from `noise_levels`); `stratified` spreads the global
+            batch's uniforms over strata across DDP ranks (k-diffusion).
+        label_dropout: probability of replacing a label by the null label (classifier-free guidance training,
+            Ho & Salimans 2022); `guidance_scale` is the default w at sampling (1 = plain conditional).
+        logsnr_bins: edges of the logsnr bins in which the training loss is also logged.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        process: Process,
+        parameterization: Parameterization,
+        weighting: Callable,
+        noise_levels: Callable,
+        sampler: Callable,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        sample_shape: Sequence[int],
+        num_classes: int = 0,
+        label_dropout: float = 0.1,
+        guidance_scale: float = 1.0,
+        stratified: bool = True,
+        lr_warmup_steps: int = 0,
+        logsnr_bins: Sequence[float] = (-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0),
+        learned_variance: bool = False,
+        uncertainty: nn.Module | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout}")
+        if guidance_scale != 1.0 and num_classes == 0:
+            raise ValueError(f"guidance_scale={guidance_scale} needs labelled data, but num_classes=0 "
+                             "(use guidance_scale=1.0, or a data set with labels)")
+        self.save_hyperparameters(ignore=["network", "uncertainty"], logger=False)
+        self.denoiser = Denoiser(network, parameterization, process, learned_variance)
+        self.process, self.weighting, self.noise_levels, self.sampler = process, weighting, noise_levels, sampler
+        self.optimizer_factory = optimizer
+        self.sample_shape = tuple(sample_shape)
+        self.num_classes, self.label_dropout, self.guidance_scale = num_classes, label_dropout, guidance_scale
+        self.stratified, self.lr_warmup_steps = stratified, lr_warmup_steps
+        self.logsnr_bins = torch.tensor(logsnr_bins, dtype=torch.float64)
+        self.uncertainty = uncertainty
+
+    # ---- training ---------------------------------------------------------------------------------------------------
+    def draw_noise_levels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        if self.stratified:
+            u = stratified_draws(n, self.global_rank, self.trainer.world_size if self._trainer else 1, generator)
+        else:
+            u = uniform_draws(n, generator)
+        return self.noise_levels(u, self.process).to(self.device)
+
+    def drop_labels(self, labels: Tensor | None) -> Tensor | None:
+        """Replace labels by the null label `num_classes` with probability label_dropout."""
+        if labels is None or self.num_classes == 0:
+            return None
+        drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def loss(self, x0: Tensor, labels: Tensor | None, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample loss and logsnr; families override this for what is their own."""
+        loss, logsnr = denoising_loss(self.denoiser, x0, t, noise, self.weighting, self.process, labels)
+        if self.uncertainty is not None:
+            loss = self.uncertainty(loss, logsnr)
+        return loss, logsnr
+
+    def _step(self, batch, stage: str, generator: torch.Generator | None = None) -> Tensor:
+        x0, labels = batch
+        labels = self.drop_labels(labels) if stage == "train" else (labels if self.num_classes else None)
+        t = self.draw_noise_levels(x0.shape[0], generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        loss, logsnr = self.loss(x0, labels, t, noise)
+        if hasattr(self.noise_levels, "reweight"):  # importance sampling keeps the objective unbiased
+            if stage == "train":
+                self.noise_levels.update(t, loss.detach())
+            loss = loss * self.noise_levels.reweight(t).to(loss)
+        self.log(f"{stage}/loss", loss.mean(), prog_bar=True, sync_dist=stage != "train", batch_size=x0.shape[0])
+        self.log_loss_per_logsnr_bin(loss.detach(), logsnr.detach(), stage)
+        return loss.mean()
+
+    def log_loss_per_logsnr_bin(self, loss: Tensor, logsnr: Tensor, stage: str) -> None:
+        """Mean loss inside each logsnr bin, so weightings can be compared where they act (cf. improved DDPM's quartiles)."""
+        edges = self.logsnr_bins.to(logsnr.device, logsnr.dtype)
+        idx = torch.bucketize(logsnr, edges)
+        names = [f"<{edges[0]:g}"] + [f"{a:g}..{b:g}" for a, b in zip(edges[:-1], edges[1:])] + [f">{edges[-1]:g}"]
+        for i, name in enumerate(names):
+            mask = idx == i
+            if mask.any():
+                self.log(f"{stage}/loss_logsnr[{name}]", loss[mask].mean(), batch_size=int(mask.sum()),
+                         sync_dist=stage != "train")
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        # the same noise for every validation pass, so the curve measures the model, not the draw
+        g = torch.Generator().manual_seed(10_000 + batch_idx)
+        return self._step(batch, "val", g)
+
+    def configure_optimizers(self):
+        params = list(self.denoiser.parameters()) + (list(self.uncertainty.parameters()) if self.uncertainty else [])
+        optimizer = self.optimizer_factory(params)
+        if not self.lr_warmup_steps:
+            return optimizer
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / self.lr_warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    # ---- sampling ---------------------------------------------------------------------------------------------------
+    def guided_denoiser(self, labels: Tensor | None, guidance_scale: float | None):
+        """D(x, t) for the sampler: conditional with classifier-free guidance when labels are given."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if labels is None or self.num_classes == 0:
+            if labels is not None:
+                raise ValueError("labels were given, but this model is unconditional (num_classes=0)")
+            return lambda x, t: self.denoiser(x, t, None)
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}], got {labels.min()}..{labels.max()}")
+        return classifier_free_guidance(self.denoiser, labels, scale, self.num_classes)
+
+    @torch.no_grad()
+    def generate(self, n: int, labels: Tensor | None = None, guidance_scale: float | None = None,
+                 sampler: Callable | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        """Draw n samples with `sampler` (default: the family's); returns (samples, number of network evaluations)."""
+        counting = CountingDenoiser(self.guided_denoiser(labels, guidance_scale))
+        noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
+        x = (sampler or self.sampler)(counting, self.process, noise, generator=generator)
+        return x, counting.nfe

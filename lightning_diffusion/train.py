@@ -1,0 +1,74 @@
+"""Train any family on any data: `python -m lightning_diffusion.train [group=option] [key=value]`."""
+
+import math
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .tracking import register_resolvers
+
+register_resolvers()
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """'last' -> <run_dir>/checkpoints/last.ckpt if it exists (a requeued job resumes), else a path, else None."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (use ckpt_path=last to resume from "
+                                f"{run_dir}/checkpoints/last.ckpt when present, or ckpt_path=null to start fresh)")
+    return ckpt_path
+
+
+def data_meta(shape, num_classes: int, out_factor: int = 1) -> dict:
+    """What a network must know of the data, for the `${data_meta.*}` interpolations in conf/network/."""
+    return {"shape": list(shape), "channels": shape[0], "image_size": shape[-1], "dim": math.prod(shape),
+            "num_classes": num_classes, "out_channels": out_factor * shape[0], "out_dim": out_factor * math.prod(shape)}
+
+
+def build(cfg: DictConfig):
+    """Instantiate data, network, model, callbacks, loggers and trainer from a composed config."""
+    datamodule = instantiate(cfg.data)
+    num_classes = datamodule.num_classes if cfg.conditional else 0
+    with open_dict(cfg):
+        if cfg.get("sampler"):  # a sampler=<name> choice replaces the family's default sampler
+            cfg.model.sampler = cfg.sampler
+        cfg.data_meta = data_meta(datamodule.shape, num_classes, 2 if cfg.model.get("learned_variance") else 1)
+    model = instantiate(cfg.model, network=instantiate(cfg.network), sample_shape=datamodule.shape,
+                        num_classes=num_classes)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, then return the final metrics (the callbacks write samples, checkpoints and metrics.json to run_dir)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.run_dir))
+    if ckpt_path:
+        rank_zero_info(f"resuming from {ckpt_path}")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for callback in trainer.callbacks:
+        metrics.update(getattr(callback, "metrics", {}))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
