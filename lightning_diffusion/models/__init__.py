@@ -1,0 +1,5 @@
+"""LightningModules: one shared base; families are configs on it (conf/model/), plus what is truly their own."""
+
+from .base import DiffusionModel
+
+__all__ = ["DiffusionModel"]
