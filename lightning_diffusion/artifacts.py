@@ -11,7 +11,7 @@ import torch
 from torchvision.utils import save_image
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
     """Write through a temporary file in the same folder, then rename over `path` (atomic on POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,7 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> Path:
     if images.ndim == 2:
         return save_scatter(images, path)
     nrow = nrow or max(1, int(math.sqrt(len(images))))
-    return _atomic(path, lambda tmp: save_image(to_unit_range(images), tmp, nrow=nrow, padding=1, format="png"))
+    return atomic_write(path, lambda tmp: save_image(to_unit_range(images), tmp, nrow=nrow, padding=1, format="png"))
 
 
 def save_scatter(points: torch.Tensor, path) -> Path:
@@ -50,7 +50,7 @@ def save_scatter(points: torch.Tensor, path) -> Path:
     ax.scatter(points[:, 0], points[:, 1], s=2)
     ax.set_aspect("equal")
     try:
-        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
 
@@ -60,7 +60,7 @@ def save_npz(path, **arrays) -> Path:
         with open(tmp, "wb") as f:
             np.savez(f, **{k: v.detach().cpu().numpy() if torch.is_tensor(v) else v for k, v in arrays.items()})
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def save_json(path, data: dict) -> Path:
@@ -68,4 +68,4 @@ def save_json(path, data: dict) -> Path:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)

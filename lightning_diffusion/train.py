@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .checkpoints import save_run_config
 from .tracking import register_resolvers
 
 register_resolvers()
@@ -53,6 +54,8 @@ def train(cfg: DictConfig) -> dict:
     """Fit, then return the final metrics (the callbacks write samples, checkpoints and metrics.json to run_dir)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
+    if trainer.is_global_zero:
+        save_run_config(cfg, cfg.run_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.run_dir))

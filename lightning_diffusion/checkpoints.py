@@ -1,0 +1,47 @@
+"""Reading a trained model back from its run directory: the resolved config.yaml plus a checkpoint."""
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .artifacts import atomic_write
+
+CONFIG_NAME = "config.yaml"
+
+
+def save_run_config(cfg: DictConfig, run_dir) -> Path:
+    """Write the fully resolved config to <run_dir>/config.yaml (what `load_model` and `tables` read back)."""
+    path = Path(run_dir) / CONFIG_NAME
+    return atomic_write(path, lambda tmp: OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), tmp))
+
+
+def find_run_config(ckpt_path) -> Path:
+    """The config.yaml of the run a checkpoint belongs to (<run_dir>/checkpoints/x.ckpt -> <run_dir>/config.yaml)."""
+    ckpt_path = Path(ckpt_path)
+    for folder in (ckpt_path.parent, ckpt_path.parent.parent):
+        if (folder / CONFIG_NAME).is_file():
+            return folder / CONFIG_NAME
+    raise FileNotFoundError(f"no {CONFIG_NAME} next to or above {ckpt_path}: a checkpoint is read together with the "
+                            "resolved config its training run wrote to its run directory")
+
+
+def load_model(ckpt_path, device: str = "cpu"):
+    """(model with the checkpoint's weights (the EMA weights when EMA was on), resolved run config)."""
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
+    cfg = OmegaConf.load(find_run_config(ckpt_path))
+    meta = cfg.data_meta
+    model = instantiate(cfg.model, network=instantiate(cfg.network), sample_shape=meta.shape,
+                        num_classes=meta.num_classes)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = checkpoint["state_dict"]
+    except Exception as err:  # a truncated file, or not a Lightning checkpoint at all
+        raise ValueError(f"{ckpt_path} is not a readable lightning_diffusion checkpoint ({err})") from err
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_path} does not match the model in {find_run_config(ckpt_path)}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval(), cfg
