@@ -65,7 +65,7 @@ class FinalSamples(L.Callback):
         self.metrics = {"final/nfe": nfe, "final/num_samples": n, "final/guidance_scale": pl_module.guidance_scale}
         datamodule = trainer.datamodule
         if num_classes:
-            images, real_labels = datamodule.train_tensors()
+            images, real_labels = datamodule.train_tensor(labels=True)
             classifier = fit_classifier(images, real_labels)
             self.metrics["final/classifier_accuracy"] = label_accuracy(classifier, x, labels)
         for logger in trainer.loggers:
