@@ -37,13 +37,17 @@ def data_meta(shape, num_classes: int, out_factor: int = 1) -> dict:
 def build(cfg: DictConfig):
     """Instantiate data, network, model, callbacks, loggers and trainer from a composed config."""
     datamodule = instantiate(cfg.data)
+    # `${data_stat:name}` in a config is the datamodule's `name()` (e.g. NCSN's sigma_max = max pairwise distance),
+    # computed only if a config asks for it
+    OmegaConf.register_new_resolver("data_stat", lambda name: float(getattr(datamodule, name)()), replace=True)
     num_classes = datamodule.num_classes if cfg.conditional else 0
     with open_dict(cfg):
         if cfg.get("sampler"):  # a sampler=<name> choice replaces the family's default sampler
             cfg.model.sampler = cfg.sampler
         cfg.data_meta = data_meta(datamodule.shape, num_classes, 2 if cfg.model.get("learned_variance") else 1)
+    guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else (2.0 if num_classes else 1.0)
     model = instantiate(cfg.model, network=instantiate(cfg.network), sample_shape=datamodule.shape,
-                        num_classes=num_classes)
+                        num_classes=num_classes, guidance_scale=guidance_scale)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)

@@ -61,6 +61,16 @@ def snr_plus_one(t: Tensor, process: Process) -> Tensor:
     return 1.0 + (-_logsnr(t, process)).exp()
 
 
+def velocity_mse(t: Tensor, process: Process) -> Tensor:
+    """Flow matching's ||v_hat - v||^2 with v = alpha' x_0 + sigma' eps (Lipman et al. 2023): w = (sigma' - alpha' sigma / alpha)^2.
+
+    v_hat - v = alpha' (D - x_0) + sigma' (eps_hat - eps); on rectified flow w = 1 / (1 - t)^2.
+    """
+    t = torch.as_tensor(t).to(torch.float64)
+    dalpha, dsigma = process.derivatives(t)
+    return (dsigma - dalpha * process.sigma(t) / process.alpha(t)) ** 2
+
+
 def p2(t: Tensor, process: Process, k: float = 1.0, gamma: float = 1.0) -> Tensor:
     """Perception-prioritised weighting on the eps-MSE, 1 / (k + snr)^gamma (Choi et al. 2022, eq. 8)."""
     _check_positive("k", k, "p2")

@@ -302,3 +302,19 @@ def test_weightings_return_float64_per_sample_and_are_finite():
         out = w(t, VPSDE())
         assert out.shape == (7,) and out.dtype == torch.float64 and torch.isfinite(out).all() and (out > 0).all()
     assert math.isclose(float(W.edm(torch.tensor([1.0]), EDMProcess(), sigma_data=1.0)), 2.0)
+
+
+def test_velocity_mse_is_flow_matching_on_rectified_flow():
+    """w ||eps_hat - eps||^2 equals ||v_hat - v||^2 with v = eps - x_0 (Liu et al. 2023) for any prediction."""
+    from lightning_diffusion.processes import RectifiedFlow
+    from lightning_diffusion.weightings import velocity_mse
+
+    process = RectifiedFlow()
+    g = torch.Generator().manual_seed(3)
+    t = 0.05 + 0.9 * torch.rand(64, generator=g, dtype=torch.float64)
+    x0, eps, D = (torch.randn(64, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    x = (1 - t)[:, None] * x0 + t[:, None] * eps
+    eps_hat = (x - (1 - t)[:, None] * D) / t[:, None]
+    v_hat, v = eps_hat - D, eps - x0
+    torch.testing.assert_close(velocity_mse(t, process) * ((eps_hat - eps) ** 2).sum(1), ((v_hat - v) ** 2).sum(1))
+    torch.testing.assert_close(velocity_mse(t, process), 1 / (1 - t) ** 2)

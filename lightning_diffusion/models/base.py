@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import denoising_loss
-from ..noise_levels import stratified_draws, uniform_draws
+from ..noise_levels import importance_weight, stratified_draws, uniform_draws
 from ..parameterizations import Denoiser, Parameterization
 from ..processes import Process
-from ..samplers import CountingDenoiser, classifier_free_guidance
+from ..samplers import classifier_free_guidance
 
 
 class DiffusionModel(L.LightningModule):
@@ -47,6 +47,7 @@ class DiffusionModel(L.LightningModule):
         logsnr_bins: Sequence[float] = (-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0),
         learned_variance: bool = False,
         uncertainty: nn.Module | None = None,
+        loss: Callable = denoising_loss,
     ):
         super().__init__()
         if not 0.0 <= label_dropout <= 1.0:
@@ -54,7 +55,6 @@ class DiffusionModel(L.LightningModule):
         if guidance_scale != 1.0 and num_classes == 0:
             raise ValueError(f"guidance_scale={guidance_scale} needs labelled data, but num_classes=0 "
                              "(use guidance_scale=1.0, or a data set with labels)")
-        self.save_hyperparameters(ignore=["network", "uncertainty"], logger=False)
         self.denoiser = Denoiser(network, parameterization, process, learned_variance)
         self.process, self.weighting, self.noise_levels, self.sampler = process, weighting, noise_levels, sampler
         self.optimizer_factory = optimizer
@@ -62,7 +62,7 @@ class DiffusionModel(L.LightningModule):
         self.num_classes, self.label_dropout, self.guidance_scale = num_classes, label_dropout, guidance_scale
         self.stratified, self.lr_warmup_steps = stratified, lr_warmup_steps
         self.logsnr_bins = torch.tensor(logsnr_bins, dtype=torch.float64)
-        self.uncertainty = uncertainty
+        self.uncertainty, self.loss_fn = uncertainty, loss
 
     # ---- training ---------------------------------------------------------------------------------------------------
     def draw_noise_levels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -80,8 +80,8 @@ class DiffusionModel(L.LightningModule):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def loss(self, x0: Tensor, labels: Tensor | None, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample loss and logsnr; families override this for what is their own."""
-        loss, logsnr = denoising_loss(self.denoiser, x0, t, noise, self.weighting, self.process, labels)
+        """Per-sample loss and logsnr: the configured loss (denoising, hybrid, VLB), then EDM2's uncertainty if on."""
+        loss, logsnr = self.loss_fn(self.denoiser, x0, t, noise, self.weighting, self.process, labels)
         if self.uncertainty is not None:
             loss = self.uncertainty(loss, logsnr)
         return loss, logsnr
@@ -92,13 +92,18 @@ class DiffusionModel(L.LightningModule):
         t = self.draw_noise_levels(x0.shape[0], generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         loss, logsnr = self.loss(x0, labels, t, noise)
-        if hasattr(self.noise_levels, "reweight"):  # importance sampling keeps the objective unbiased
-            if stage == "train":
-                self.noise_levels.update(t, loss.detach())
-            loss = loss * self.noise_levels.reweight(t).to(loss)
+        if stage == "train" and hasattr(self.noise_levels, "update"):  # importance sampling learns p(t) from losses
+            self.noise_levels.update(*self.all_gather_flat(t, loss.detach()))
+        loss = loss * importance_weight(self.noise_levels, t).to(loss)  # 1 unless p(t) is importance-sampled
         self.log(f"{stage}/loss", loss.mean(), prog_bar=True, sync_dist=stage != "train", batch_size=x0.shape[0])
         self.log_loss_per_logsnr_bin(loss.detach(), logsnr.detach(), stage)
         return loss.mean()
+
+    def all_gather_flat(self, *tensors: Tensor) -> list[Tensor]:
+        """Each tensor gathered from every rank and flattened (identity on one process)."""
+        if self.trainer.world_size == 1:
+            return list(tensors)
+        return [self.all_gather(x).flatten() for x in tensors]
 
     def log_loss_per_logsnr_bin(self, loss: Tensor, logsnr: Tensor, stage: str) -> None:
         """Mean loss inside each logsnr bin, so weightings can be compared where they act (cf. improved DDPM's quartiles)."""
@@ -143,7 +148,7 @@ class DiffusionModel(L.LightningModule):
     def generate(self, n: int, labels: Tensor | None = None, guidance_scale: float | None = None,
                  sampler: Callable | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         """Draw n samples with `sampler` (default: the family's); returns (samples, number of network evaluations)."""
-        counting = CountingDenoiser(self.guided_denoiser(labels, guidance_scale))
-        noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
-        x = (sampler or self.sampler)(counting, self.process, noise, generator=generator)
-        return x, counting.nfe
+        sampler = sampler or self.sampler
+        x, nfe = sampler(denoiser=self.guided_denoiser(labels, guidance_scale), process=self.process,
+                         shape=(n, *self.sample_shape), generator=generator, device=self.device)
+        return x.to(torch.get_default_dtype()), nfe

@@ -1,0 +1,31 @@
+"""Composing the project's Hydra configs in tests, as the command line would."""
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from lightning_diffusion.tracking import register_resolvers
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+register_resolvers()
+
+
+def compose_config(overrides: list[str], run_dir: Path | None = None, config_name: str = "train") -> DictConfig:
+    """The config `python -m lightning_diffusion.<config_name> <overrides>` would see, with `${hydra:...}` resolvable."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        if run_dir is not None:
+            cfg.run_dir = str(run_dir)
+        del cfg.hydra
+    return cfg
+
+
+FAST = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.sample_grid.n=4",
+        "callbacks.final_samples.n_per_class=1", "callbacks.final_samples.n_unconditional=8",
+        "callbacks.checkpoint.every_n_train_steps=2"]
