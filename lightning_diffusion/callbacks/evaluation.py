@@ -1,0 +1,124 @@
+"""In-training sample quality: every N steps, K samples with the EMA weights -> proxy FID / KID / IS, logged.
+
+K is a few thousand at most, so the numbers are biased proxies of the 50k-sample protocol: every key carries
+`proxy_n<K>/`, and a JSON with the full protocol is written beside them (<run_dir>/proxy_metrics/step<N>.json).
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..metrics.fidelity import (extract_features, fidelity_images, fidelity_metrics, load_extractor, protocol_record,
+                                reference_statistics, resolve_weights, save_metrics_json)
+from ..metrics.sharding import gather_shards, generate_shard
+
+SPLITS = ("train", "val")
+
+
+class FidelityMetrics(L.Callback):
+    """Every `every_n_steps` optimizer steps, `num_samples` EMA samples scored by torch-fidelity against the train data.
+
+    Args:
+        sampler: a sampler partial (default: the model's); `steps` overrides its number of steps (the NFE).
+        feature_extractor: a torch-fidelity extractor; the offline default `digits-cnn` logs `fd_digits-cnn`,
+            never `fid` (see `metrics.fidelity.metric_names`).
+        metrics: torch-fidelity's names (fid, isc, kid, prc); `fidelity` its options (kid_subset_size, ...).
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 2000, metrics: Sequence[str] = ("fid",),
+                 feature_extractor: str = "digits-cnn", feature_extractor_weights_path: str | None = None,
+                 sampler: Callable | None = None, steps: int | None = None, guidance_scale: float | None = None,
+                 seed: int = 0, batch_size: int = 500, reference_split: str = "train",
+                 reference_max_samples: int | None = None, cache_dir: str | None = None, fidelity: dict | None = None):
+        if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
+            raise ValueError(f"every_n_steps={every_n_steps!r}: need an int >= 1")
+        if not (isinstance(num_samples, int) and num_samples >= 2):
+            raise ValueError(f"num_samples={num_samples!r}: need an int >= 2")
+        if reference_split not in SPLITS:
+            raise ValueError(f"reference_split={reference_split!r}: accepted {list(SPLITS)}")
+        if steps is not None and not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps={steps!r}: need an int >= 1, or null for the sampler's own")
+        # weights checked now, not after the first N training steps
+        self.weights_path = resolve_weights(feature_extractor, feature_extractor_weights_path)
+        self.every_n_steps, self.num_samples, self.metrics = every_n_steps, num_samples, tuple(metrics)
+        self.feature_extractor, self.sampler, self.steps = feature_extractor, sampler, steps
+        self.guidance_scale, self.seed, self.batch_size = guidance_scale, seed, batch_size
+        self.reference_split, self.reference_max_samples = reference_split, reference_max_samples
+        self.cache_dir, self.fidelity = cache_dir, dict(fidelity or {})
+        self.extractor = self.reference = None
+        self.metrics_logged: dict = {}
+        self._last_step = -1
+
+    @property
+    def prefix(self) -> str:
+        return f"proxy_n{self.num_samples}"
+
+    def _sampler(self, pl_module) -> Callable:
+        sampler = self.sampler or pl_module.sampler
+        return functools.partial(sampler, steps=self.steps) if self.steps else sampler
+
+    @staticmethod
+    def ema_model(trainer, pl_module):
+        """(the module holding the EMA weights, True), or (pl_module, False) without a WeightAveraging callback."""
+        for callback in trainer.callbacks:
+            average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+            if average is not None:
+                return average.module, True
+        return pl_module, False
+
+    def _setup_reference(self, trainer, pl_module) -> None:
+        self.extractor = load_extractor(self.feature_extractor, self.weights_path, self.metrics, str(pl_module.device))
+        datamodule = trainer.datamodule
+        data = type(datamodule).__name__.removesuffix("DataModule").lower()
+        if self.reference_split == "train":
+            load = functools.partial(datamodule.train_tensor, self.reference_max_samples)
+        else:
+            from ..evaluate import split_tensor
+
+            load = functools.partial(split_tensor, datamodule, "val", self.reference_max_samples)
+        # the data module's seed and val_fraction fix the split, so they are part of the cache key
+        name = f"{data}-seed{datamodule.seed}-val{datamodule.val_fraction}"
+        self.reference = reference_statistics(self.extractor, load, name, self.reference_split, datamodule.shape[1:],
+                                              self.cache_dir, self.reference_max_samples)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        model, ema = self.ema_model(trainer, pl_module)
+        was_training = model.training
+        model.eval()
+        try:
+            world, rank = trainer.world_size, trainer.global_rank
+            index, x, nfe = generate_shard(model, self.num_samples, self.seed, self.batch_size, rank, world,
+                                           self._sampler(pl_module), self.guidance_scale)
+            images = gather_shards(index, fidelity_images(x), pl_module.all_gather if world > 1 else None,
+                                   self.num_samples, self.batch_size, world)
+        finally:
+            model.train(was_training)
+        if not trainer.is_global_zero:
+            return
+        if self.reference is None:
+            self._setup_reference(trainer, pl_module)
+        metrics = fidelity_metrics(self.extractor, extract_features(self.extractor, images), self.reference,
+                                   self.metrics, **self.fidelity)
+        self.metrics_logged = {f"{self.prefix}/{k}": v for k, v in metrics.items()} | {f"{self.prefix}/nfe": nfe}
+        for logger in trainer.loggers:
+            logger.log_metrics(self.metrics_logged, step=step)
+        reference = {"data": self.reference.meta.get("data"), "split": self.reference_split,
+                     "num_samples": self.reference.num_samples, "statistics": str(self.reference.path)}
+        guidance = pl_module.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        protocol = protocol_record(self.extractor, self.num_samples, reference, [self.seed], nfe=nfe,
+                                   sampler=repr(self._sampler(pl_module)), ema=ema, proxy=True, options=self.fidelity,
+                                   guidance_scale=guidance if pl_module.num_classes else None, step=step,
+                                   batch_size=self.batch_size, world_size=trainer.world_size)
+        save_metrics_json(Path(trainer.default_root_dir) / "proxy_metrics" / f"step{step:07d}.json", metrics, protocol)
+        rank_zero_info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics_logged.items()))
+
+
+__all__ = ["FidelityMetrics"]
