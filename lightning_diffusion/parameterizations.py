@@ -130,6 +130,7 @@ class Denoiser(nn.Module):
         v = None
         if self.learned_variance:
             out, v = out.chunk(2, dim=1)
+            self.last_variance = v.detach()  # read by ancestral sampling, which needs v at the same (x, t)
         return expand_to(c_skip, x) * x + expand_to(c_out, x) * out, v
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:

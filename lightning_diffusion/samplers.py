@@ -461,7 +461,7 @@ def annealed_langevin(denoiser: DenoiserFn, process: Process, x: Tensor, times: 
 
 def generate(sampler: Callable, denoiser: DenoiserFn, process: Process, shape, steps: int,
              discretisation: Callable = uniform_times, generator: torch.Generator | None = None, device=None,
-             dtype: torch.dtype = torch.float64) -> tuple[Tensor, int]:
+             dtype: torch.dtype = torch.float64, **sampler_options) -> tuple[Tensor, int]:
     """Samples and NFE: x ~ N(0, (alpha^2 + sigma^2) I) at t_0 of `discretisation(process, steps)`, then `sampler`.
 
     The prior is the marginal of unit-variance data at the grid's first time (process.prior_sample at t_max).
@@ -472,5 +472,5 @@ def generate(sampler: Callable, denoiser: DenoiserFn, process: Process, shape, s
     std = float((process.alpha(t0) ** 2 + process.sigma(t0) ** 2).sqrt())
     x = std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
     counted = CountingDenoiser(denoiser)
-    x = sampler(counted, process, x, times, generator=generator)
+    x = sampler(counted, process, x, times, generator=generator, **sampler_options)
     return x, counted.nfe

@@ -5,6 +5,7 @@ default sampler (plus, rarely, a short subclass for what is truly its own, e.g. 
 The module composes them; the math lives in the plain-torch modules it imports.
 """
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from ..losses import denoising_loss
 from ..noise_levels import importance_weight, stratified_draws, uniform_draws
 from ..parameterizations import Denoiser, Parameterization
-from ..processes import Process
+from ..processes import Process, expand_to
 from ..samplers import classifier_free_guidance
 
 
@@ -149,6 +150,28 @@ class DiffusionModel(L.LightningModule):
                  sampler: Callable | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         """Draw n samples with `sampler` (default: the family's); returns (samples, number of network evaluations)."""
         sampler = sampler or self.sampler
+        options = {"variance": self.reverse_variance} if self.uses_learned_variance(sampler) else {}
         x, nfe = sampler(denoiser=self.guided_denoiser(labels, guidance_scale), process=self.process,
-                         shape=(n, *self.sample_shape), generator=generator, device=self.device)
+                         shape=(n, *self.sample_shape), generator=generator, device=self.device, **options)
         return x.to(torch.get_default_dtype()), nfe
+
+    def uses_learned_variance(self, sampler: Callable) -> bool:
+        """Whether sampling should use the learned variances: the model has them and the sampler takes a `variance`."""
+        inner = getattr(sampler, "keywords", {}).get("sampler", sampler)
+        return self.denoiser.learned_variance and "variance" in inspect.signature(inner).parameters
+
+    def reverse_variance(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """Improved DDPM's learned variance of p(x_s | x_t): exp(v' log beta + (1 - v') log beta~), v' = (v + 1) / 2.
+
+        beta = 1 - alpha_t^2 / alpha_s^2 and beta~ = beta sigma_s^2 / sigma_t^2 for the (respaced) step t -> s
+        (Nichol & Dhariwal 2021, eq. 15 and sec. 4); v is the network's output at (x, t) from the same evaluation
+        (under guidance, the conditional half of the batch).
+        """
+        v = self.denoiser.last_variance[: x.shape[0]].to(torch.float64)
+        a_t, s_t = self.process.alpha(t.to(torch.float64)), self.process.sigma(t.to(torch.float64))
+        a_s, s_s = self.process.alpha(s.to(torch.float64)), self.process.sigma(s.to(torch.float64))
+        beta = 1 - (a_t / a_s) ** 2
+        beta_tilde = (beta * s_s**2 / s_t**2).clamp(min=1e-20)
+        frac = (v + 1) / 2
+        log_var = frac * expand_to(beta.log(), v) + (1 - frac) * expand_to(beta_tilde.log(), v)
+        return log_var.exp().to(x.dtype)

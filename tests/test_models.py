@@ -1,0 +1,93 @@
+"""The shared DiffusionModel and the EMA callback, without a Trainer."""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_diffusion.callbacks import EMA
+from lightning_diffusion.models import DiffusionModel
+from lightning_diffusion.noise_levels import uniform_discrete
+from lightning_diffusion.parameterizations import EpsPrediction
+from lightning_diffusion.processes import cosine_betas, ddpm
+from lightning_diffusion.samplers import ancestral, ddim, generate, strided_times
+from lightning_diffusion.weightings import l_simple
+
+
+class ConstantV(nn.Module):
+    """eps = 0 and a constant variance output v, so sampling is fully known."""
+
+    def __init__(self, v: float, channels: int = 2):
+        super().__init__()
+        self.v, self.channels = v, channels
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, c_noise, labels=None):
+        return torch.cat([0 * self.scale * x, torch.full_like(x, self.v)], dim=1)
+
+
+def model(v: float, sampler) -> DiffusionModel:
+    return DiffusionModel(ConstantV(v), ddpm(cosine_betas, T=100), EpsPrediction(), l_simple, uniform_discrete,
+                          sampler, functools.partial(torch.optim.Adam), sample_shape=(2,), learned_variance=True)
+
+
+ANCESTRAL = functools.partial(generate, sampler=ancestral, steps=20, discretisation=strided_times)
+DDIM = functools.partial(generate, sampler=functools.partial(ddim, eta=0.0), steps=20, discretisation=strided_times)
+
+
+def test_learned_variance_at_v_minus_one_is_the_posterior_variance():
+    m = model(-1.0, ANCESTRAL)
+    x_learned, nfe = m.generate(256, generator=torch.Generator().manual_seed(0))
+    fixed = functools.partial(generate, sampler=ancestral, steps=20, discretisation=strided_times)
+    m.denoiser.learned_variance = False  # same network, posterior variance beta~
+    m.denoiser.network.forward = lambda x, c, labels=None: torch.zeros_like(x)
+    x_fixed, _ = m.generate(256, sampler=fixed, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x_learned, x_fixed)
+    assert nfe == 20  # the variance comes from the same network evaluation
+
+
+def test_learned_variance_at_v_plus_one_is_beta_and_ddim_ignores_it():
+    m = model(1.0, ANCESTRAL)
+    t, s = torch.full((3,), 50.0), torch.full((3,), 45.0)
+    m.denoiser(torch.zeros(3, 2), t)
+    a_t, a_s = m.process.alpha(t.double()), m.process.alpha(s.double())
+    torch.testing.assert_close(m.reverse_variance(torch.zeros(3, 2), t, s),
+                               (1 - (a_t / a_s) ** 2)[:, None].expand(3, 2).float())
+    assert m.uses_learned_variance(ANCESTRAL) and not m.uses_learned_variance(DDIM)
+    x, nfe = m.generate(8, sampler=DDIM, generator=torch.Generator().manual_seed(0))
+    assert nfe == 20 and torch.isfinite(x).all()
+
+
+def test_label_dropout_uses_the_null_label():
+    m = DiffusionModel(ConstantV(0.0), ddpm(T=10), EpsPrediction(), l_simple, uniform_discrete, ANCESTRAL,
+                       torch.optim.Adam, sample_shape=(2,), num_classes=10, label_dropout=0.25)
+    labels = torch.randint(0, 10, (20_000,))
+    dropped = m.drop_labels(labels)
+    assert set(dropped.unique().tolist()) <= set(range(11))
+    assert abs(float((dropped == 10).float().mean()) - 0.25) < 0.02
+    assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
+
+
+def test_bad_labels_and_arguments_are_refused():
+    m = DiffusionModel(ConstantV(0.0), ddpm(T=10), EpsPrediction(), l_simple, uniform_discrete, ANCESTRAL,
+                       torch.optim.Adam, sample_shape=(2,), num_classes=10)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
+        m.generate(2, labels=torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match="label_dropout must be a probability"):
+        DiffusionModel(ConstantV(0.0), ddpm(T=10), EpsPrediction(), l_simple, uniform_discrete, ANCESTRAL,
+                       torch.optim.Adam, sample_shape=(2,), label_dropout=1.5)
+
+
+def test_ema_half_life_ramps_from_step_zero():
+    ema = EMA(half_life_steps=500, ramp=0.1)
+    # half-life min(500, 0.1 n): short at first, so the random initial weights are forgotten quickly
+    assert ema.decay(10) == pytest.approx(0.5 ** (1 / 1.0))
+    assert ema.decay(1000) == pytest.approx(0.5 ** (1 / 100.0))
+    assert ema.decay(10**6) == pytest.approx(0.5 ** (1 / 500.0))
+    assert EMA(half_life_steps=None, decay=0.9999).decay(5) == 0.9999
+    averaged, current = torch.zeros(3), torch.ones(3)
+    torch.testing.assert_close(ema._average(averaged, current, torch.tensor(1000)),
+                               torch.full((3,), 1 - 0.5 ** (1 / 100.0)))
+    with pytest.raises(ValueError, match="exactly one of half_life_steps"):
+        EMA(half_life_steps=100, decay=0.99)
