@@ -3,5 +3,6 @@
 from .ema import EMA
 from .posthoc_ema import PostHocEMA
 from .samples import FinalSamples, SampleGrid
+from .weighting_plot import EffectiveWeightingPlot
 
-__all__ = ["EMA", "FinalSamples", "PostHocEMA", "SampleGrid"]
+__all__ = ["EMA", "EffectiveWeightingPlot", "FinalSamples", "PostHocEMA", "SampleGrid"]

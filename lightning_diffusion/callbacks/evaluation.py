@@ -44,13 +44,13 @@ class FidelityMetrics(L.Callback):
             raise ValueError(f"steps={steps!r}: need an int >= 1, or null for the sampler's own")
         # weights checked now, not after the first N training steps
         self.weights_path = resolve_weights(feature_extractor, feature_extractor_weights_path)
-        self.every_n_steps, self.num_samples, self.metrics = every_n_steps, num_samples, tuple(metrics)
+        self.every_n_steps, self.num_samples, self.metric_names = every_n_steps, num_samples, tuple(metrics)
         self.feature_extractor, self.sampler, self.steps = feature_extractor, sampler, steps
         self.guidance_scale, self.seed, self.batch_size = guidance_scale, seed, batch_size
         self.reference_split, self.reference_max_samples = reference_split, reference_max_samples
         self.cache_dir, self.fidelity = cache_dir, dict(fidelity or {})
         self.extractor = self.reference = None
-        self.metrics_logged: dict = {}
+        self.metrics: dict = {}  # the last logged values (train.py returns them)
         self._last_step = -1
 
     @property
@@ -71,7 +71,8 @@ class FidelityMetrics(L.Callback):
         return pl_module, False
 
     def _setup_reference(self, trainer, pl_module) -> None:
-        self.extractor = load_extractor(self.feature_extractor, self.weights_path, self.metrics, str(pl_module.device))
+        self.extractor = load_extractor(self.feature_extractor, self.weights_path, self.metric_names,
+                                        str(pl_module.device))
         datamodule = trainer.datamodule
         data = type(datamodule).__name__.removesuffix("DataModule").lower()
         if self.reference_split == "train":
@@ -106,10 +107,10 @@ class FidelityMetrics(L.Callback):
         if self.reference is None:
             self._setup_reference(trainer, pl_module)
         metrics = fidelity_metrics(self.extractor, extract_features(self.extractor, images), self.reference,
-                                   self.metrics, **self.fidelity)
-        self.metrics_logged = {f"{self.prefix}/{k}": v for k, v in metrics.items()} | {f"{self.prefix}/nfe": nfe}
+                                   self.metric_names, **self.fidelity)
+        self.metrics = {f"{self.prefix}/{k}": v for k, v in metrics.items()} | {f"{self.prefix}/nfe": nfe}
         for logger in trainer.loggers:
-            logger.log_metrics(self.metrics_logged, step=step)
+            logger.log_metrics(self.metrics, step=step)
         reference = {"data": self.reference.meta.get("data"), "split": self.reference_split,
                      "num_samples": self.reference.num_samples, "statistics": str(self.reference.path)}
         guidance = pl_module.guidance_scale if self.guidance_scale is None else self.guidance_scale
@@ -118,7 +119,7 @@ class FidelityMetrics(L.Callback):
                                    guidance_scale=guidance if pl_module.num_classes else None, step=step,
                                    batch_size=self.batch_size, world_size=trainer.world_size)
         save_metrics_json(Path(trainer.default_root_dir) / "proxy_metrics" / f"step{step:07d}.json", metrics, protocol)
-        rank_zero_info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics_logged.items()))
+        rank_zero_info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
 
 
 __all__ = ["FidelityMetrics"]

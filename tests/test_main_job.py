@@ -1,0 +1,25 @@
+"""The README's main job, as a user runs it: default config, offline, CPU; its guided samples must be digits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_job_trains_a_conditional_ddpm_whose_samples_are_digits(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "", "PYTHONWARNINGS": "ignore"}
+    env.pop("WANDB_API_KEY", None)  # no key: W&B must go offline by itself, never hang
+    env.pop("SLURM_JOB_ID", None)
+    done = subprocess.run([sys.executable, "-m", "lightning_diffusion.train", "trainer.enable_progress_bar=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "ddpm-digits").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["final/classifier_accuracy"] >= 0.8, metrics
+    for name in ("config.yaml", "checkpoints/last.ckpt", "samples/final.png", "effective_weighting.png"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B should have logged offline"
