@@ -49,10 +49,13 @@ class DiffusionModel(L.LightningModule):
         learned_variance: bool = False,
         uncertainty: nn.Module | None = None,
         loss: Callable = denoising_loss,
+        nonfinite: str = "stop",
     ):
         super().__init__()
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout}")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if guidance_scale != 1.0 and num_classes == 0:
             raise ValueError(f"guidance_scale={guidance_scale} needs labelled data, but num_classes=0 "
                              "(use guidance_scale=1.0, or a data set with labels)")
@@ -64,6 +67,7 @@ class DiffusionModel(L.LightningModule):
         self.stratified, self.lr_warmup_steps = stratified, lr_warmup_steps
         self.logsnr_bins = torch.tensor(logsnr_bins, dtype=torch.float64)
         self.uncertainty, self.loss_fn = uncertainty, loss
+        self.nonfinite, self.skipped_steps = nonfinite, 0
 
     # ---- training ---------------------------------------------------------------------------------------------------
     def draw_noise_levels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -118,7 +122,28 @@ class DiffusionModel(L.LightningModule):
                          sync_dist=stage != "train")
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if torch.isfinite(loss):
+            return loss
+        return self.on_nonfinite(f"loss {loss.detach().item()}")
+
+    def on_before_optimizer_step(self, optimizer):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
+            self.on_nonfinite("gradient")
+            optimizer.zero_grad(set_to_none=True)  # 'skip': no parameter has a gradient, so the step changes nothing
+
+    def on_nonfinite(self, what: str) -> None:
+        """Stop with the step and the last good checkpoint named, or (nonfinite='skip') skip the step and count it."""
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_nonfinite_steps", float(self.skipped_steps))
+            return None
+        callback = self.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or "none written yet"
+        raise FloatingPointError(f"non-finite {what} at step {self.global_step}; the last good checkpoint is {last} "
+                                 "(it was not overwritten). Resume from it with a lower learning rate, or set "
+                                 "model.nonfinite=skip to skip such steps.")
 
     def validation_step(self, batch, batch_idx):
         # the same noise for every validation pass, so the curve measures the model, not the draw
