@@ -3,6 +3,7 @@
 from .ema import EMA
 from .posthoc_ema import PostHocEMA
 from .samples import FinalSamples, SampleGrid
+from .signals import CheckpointOnSignal
 from .weighting_plot import EffectiveWeightingPlot
 
-__all__ = ["EMA", "EffectiveWeightingPlot", "FinalSamples", "PostHocEMA", "SampleGrid"]
+__all__ = ["CheckpointOnSignal", "EMA", "EffectiveWeightingPlot", "FinalSamples", "PostHocEMA", "SampleGrid"]
