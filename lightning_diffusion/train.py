@@ -5,6 +5,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -34,9 +36,37 @@ def data_meta(shape, num_classes: int, out_factor: int = 1) -> dict:
             "num_classes": num_classes, "out_channels": out_factor * shape[0], "out_dim": out_factor * math.prod(shape)}
 
 
+class ConfigError(ValueError):
+    """A config that cannot run, found before any training compute; the message names the key and the value."""
+
+
+def make(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, with a constructor's own complaint (bad value, bad pair) raised as a ConfigError."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)) else err
+        raise ConfigError(f"{err}" if cause is err else f"{cause} [in {node.get('_target_', 'config')}]") from cause
+
+
+def dry_run(model, shape) -> None:
+    """One pass of the configured pieces on two zero samples (noise levels, weighting, denoiser), before training.
+
+    The chosen functions are partials whose parameters are only checked when called, and a network/data mismatch
+    only shows in a forward pass; both fail here, as ConfigErrors, instead of after the first real batch.
+    """
+    try:
+        t = model.noise_levels(torch.tensor([0.25, 0.75], dtype=torch.float64), model.process)
+        model.weighting(t, model.process)
+        with torch.no_grad():
+            model.denoiser(torch.zeros(2, *shape), t, torch.full((2,), model.num_classes) if model.num_classes else None)
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise ConfigError(f"the configured model cannot train on samples of shape {tuple(shape)}: {err}") from err
+
+
 def build(cfg: DictConfig):
-    """Instantiate data, network, model, callbacks, loggers and trainer from a composed config."""
-    datamodule = instantiate(cfg.data)
+    """Instantiate data, network, model, callbacks, loggers and trainer from a composed config, checking it first."""
+    datamodule = make(cfg.data)
     # `${data_stat:name}` in a config is the datamodule's `name()` (e.g. NCSN's sigma_max = max pairwise distance),
     # computed only if a config asks for it
     OmegaConf.register_new_resolver("data_stat", lambda name: float(getattr(datamodule, name)()), replace=True)
@@ -46,11 +76,12 @@ def build(cfg: DictConfig):
             cfg.model.sampler = cfg.sampler
         cfg.data_meta = data_meta(datamodule.shape, num_classes, 2 if cfg.model.get("learned_variance") else 1)
     guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else (2.0 if num_classes else 1.0)
-    model = instantiate(cfg.model, network=instantiate(cfg.network), sample_shape=datamodule.shape,
-                        num_classes=num_classes, guidance_scale=guidance_scale)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)
+    model = make(cfg.model, network=make(cfg.network), sample_shape=datamodule.shape, num_classes=num_classes,
+                 guidance_scale=guidance_scale)
+    dry_run(model, datamodule.shape)
+    callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [make(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    trainer = make(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)
     return datamodule, model, trainer
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import FAST, compose_config
-from lightning_diffusion.train import build
+from lightning_diffusion.train import ConfigError, build
 
 TOY = FAST + ["data=moons", "network=mlp", "trainer.max_steps=6", "trainer.val_check_interval=6"]
 
@@ -48,7 +48,7 @@ def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path):
 
 
 def test_bad_nonfinite_policy_is_refused(tmp_path):
-    with pytest.raises(Exception, match="nonfinite must be 'stop' or 'skip', got 'ignore'"):
+    with pytest.raises(ConfigError, match="nonfinite must be 'stop' or 'skip', got 'ignore'"):
         build(compose_config(["data=moons", "network=mlp", "model.nonfinite=ignore"], tmp_path))
 
 

@@ -6,14 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from helpers import CONF, FAST, compose_config
 from lightning_diffusion.checkpoints import load_model
 from lightning_diffusion.distances import energy_distance
 from lightning_diffusion.sample import sample
-from lightning_diffusion.train import build, resolve_ckpt_path, train
+from lightning_diffusion.train import ConfigError, build, resolve_ckpt_path, train
 
 GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("data", "model", "sampler")}
 OFFLINE_DATA = [d for d in GROUPS["data"] if d not in ("cifar10", "mnist", "image_folder")]
@@ -94,7 +93,7 @@ def test_sample_entry_point_writes_grid_and_npz(digits_run, tmp_path):
 
 
 def test_guidance_without_labels_is_refused(tmp_path):
-    with pytest.raises(InstantiationException, match="guidance_scale=2.0 needs labelled data"):
+    with pytest.raises(ConfigError, match="guidance_scale=2.0 needs labelled data"):
         build(compose_config(["data=moons", "network=mlp", "guidance_scale=2.0"], tmp_path))
 
 

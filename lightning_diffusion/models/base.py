@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..losses import denoising_loss
 from ..noise_levels import importance_weight, stratified_draws, uniform_draws
 from ..parameterizations import Denoiser, Parameterization
-from ..processes import Process, expand_to
+from ..processes import DiscreteDDPM, Process, expand_to
 from ..samplers import classifier_free_guidance
 
 
@@ -54,6 +54,9 @@ class DiffusionModel(L.LightningModule):
         super().__init__()
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout}")
+        if learned_variance and not isinstance(process, DiscreteDDPM):
+            raise ValueError(f"learned_variance=True is improved DDPM's (a DiscreteDDPM process), got {process!r}: "
+                             "use learned_variance=false, or model=ddpm")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if guidance_scale != 1.0 and num_classes == 0:
