@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -86,8 +87,12 @@ class DiffusionDataModule(L.LightningDataModule):
         self.train_dataset = HFlip(train) if self.hflip else train
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate_pair, persistent_workers=self.num_workers > 0)
+        # stateful: Lightning checkpoints the position inside the epoch, so a resumed run sees the same batches
+        # its own seeded generator: the shuffle never draws from (or shifts) the global RNG of the training step
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                                  generator=generator, collate_fn=collate_pair,
+                                  persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         self._ensure_setup()

@@ -153,6 +153,18 @@ class DiffusionModel(L.LightningModule):
         g = torch.Generator().manual_seed(10_000 + batch_idx)
         return self._step(batch, "val", g)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the random stream of noise levels, noise and label dropout, so a resumed run draws what the original would
+        checkpoint["rng_state"] = torch.get_rng_state()
+        if hasattr(self.noise_levels, "state_dict"):  # importance sampling's loss history
+            checkpoint["noise_levels"] = self.noise_levels.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"])
+        if "noise_levels" in checkpoint:
+            self.noise_levels.load_state_dict(checkpoint["noise_levels"])
+
     def configure_optimizers(self):
         params = list(self.denoiser.parameters()) + (list(self.uncertainty.parameters()) if self.uncertainty else [])
         optimizer = self.optimizer_factory(params)
