@@ -40,6 +40,11 @@ class Process:
         """Noise level of the scaled variable x / alpha (EDM's sigma): exp(-logsnr / 2)."""
         return self.sigma(t) / self.alpha(t)
 
+    def sigma_tilde_range(self) -> tuple[float, float]:
+        """The smallest positive and the largest scaled noise level the process trains on (a sampling grid's ends)."""
+        ends = self.sigma_tilde(torch.tensor([self.t_min, self.t_max], dtype=torch.float64)).tolist()
+        return ends[0], ends[1]
+
     def t_of_logsnr(self, logsnr: Tensor, iters: int = 64) -> Tensor:
         """Inverse of logsnr(t) by bisection in float64 (logsnr is monotone for every process)."""
         target = torch.as_tensor(logsnr, dtype=torch.float64)
@@ -201,6 +206,11 @@ class DiscreteDDPM(Process):
 
     def sigma(self, t):
         return (-torch.expm1(2 * self.log_alpha(t))).sqrt()
+
+    def sigma_tilde_range(self) -> tuple[float, float]:
+        """sigma~ at t = 1 and t = T: the noise levels DDPM trains on (t = 0 is the clean data)."""
+        ends = self.sigma_tilde(torch.tensor([1.0, float(self.T)], dtype=torch.float64)).tolist()
+        return ends[0], ends[1]
 
     def __repr__(self) -> str:
         return f"DiscreteDDPM(T={self.T}, beta_1={float(self.betas[0]):.3g}, beta_T={float(self.betas[-1]):.3g})"

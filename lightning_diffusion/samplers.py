@@ -127,9 +127,9 @@ def karras_times(process: Process, n: int, sigma_min: float | None = None, sigma
 
     On a process that never reaches sigma = 0 (VESDE) the n steps end at sigma_min instead of 0.
     """
-    ends = sigmas_of_times(process, torch.tensor([process.t_min, process.t_max], dtype=torch.float64)).tolist()
-    sigma_min = ends[0] if sigma_min is None else sigma_min
-    sigma_max = ends[1] if sigma_max is None else sigma_max
+    lowest, highest = process.sigma_tilde_range()
+    sigma_min = lowest if sigma_min is None else sigma_min
+    sigma_max = highest if sigma_max is None else sigma_max
     if float(process.sigma(torch.zeros((), dtype=torch.float64))) != 0:
         return times_of_sigmas(process, karras_sigmas(n + 1, sigma_min, sigma_max, rho)[:-1])
     return times_of_sigmas(process, karras_sigmas(n, sigma_min, sigma_max, rho))

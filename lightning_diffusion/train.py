@@ -18,12 +18,12 @@ register_resolvers()
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """'last' -> <run_dir>/checkpoints/last.ckpt if it exists (a requeued job resumes), else a path, else None."""
+    """'last' -> the newest checkpoint of the run, if any (a requeued job resumes); else a path, or None."""
     if ckpt_path in (None, "", "null"):
         return None
-    if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+    if ckpt_path == "last":  # the newest of last.ckpt and Lightning's SLURM-requeue hpc_ckpt_*.ckpt
+        found = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (use ckpt_path=last to resume from "
                                 f"{run_dir}/checkpoints/last.ckpt when present, or ckpt_path=null to start fresh)")
