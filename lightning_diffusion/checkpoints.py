@@ -27,6 +27,17 @@ def find_run_config(ckpt_path) -> Path:
                             "resolved config its training run wrote to its run directory")
 
 
+def check_checkpoint(ckpt_path) -> None:
+    """Refuse a truncated, corrupt or foreign file before training resumes from it, naming the file and the fault."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {ckpt_path} cannot be read (truncated or corrupt?): {err}") from err
+    missing = [k for k in ("state_dict", "global_step", "loops", "optimizer_states") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"{ckpt_path} is not a lightning_diffusion training checkpoint: it has no {missing}")
+
+
 def load_model(ckpt_path, device: str = "cpu"):
     """(model with the checkpoint's weights (the EMA weights when EMA was on), resolved run config)."""
     if not Path(ckpt_path).is_file():

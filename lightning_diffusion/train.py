@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .checkpoints import save_run_config
+from .checkpoints import check_checkpoint, save_run_config
 from .tracking import register_resolvers
 
 register_resolvers()
@@ -23,10 +23,13 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         return None
     if ckpt_path == "last":  # the newest of last.ckpt and Lightning's SLURM-requeue hpc_ckpt_*.ckpt
         found = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-    if not Path(ckpt_path).is_file():
+        if not found:
+            return None
+        ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
+    elif not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (use ckpt_path=last to resume from "
                                 f"{run_dir}/checkpoints/last.ckpt when present, or ckpt_path=null to start fresh)")
+    check_checkpoint(ckpt_path)
     return ckpt_path
 
 

@@ -127,3 +127,19 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     for x, y in zip(a[1:], b[1:]):  # EMA weights, raw weights, Adam moments: bit for bit
         flat_x, flat_y = torch.utils._pytree.tree_leaves(x), torch.utils._pytree.tree_leaves(y)
         assert all(torch.equal(u, v) for u, v in zip(flat_x, flat_y))
+
+
+def test_truncated_or_foreign_checkpoint_is_refused(tmp_path):
+    from lightning_diffusion.train import resolve_ckpt_path
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {}, "global_step": 3, "loops": {}, "optimizer_states": []}, good)
+    assert resolve_ckpt_path(str(good), tmp_path) == str(good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(ValueError, match="truncated.ckpt cannot be read"):
+        resolve_ckpt_path(str(truncated), tmp_path)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="foreign.ckpt is not a lightning_diffusion training checkpoint"):
+        resolve_ckpt_path(str(foreign), tmp_path)

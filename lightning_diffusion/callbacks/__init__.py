@@ -1,9 +1,10 @@
 """Lightning callbacks shared by every family."""
 
 from .ema import EMA
+from .evaluation import FidelityMetrics
 from .posthoc_ema import PostHocEMA
 from .samples import FinalSamples, SampleGrid
 from .signals import CheckpointOnSignal
 from .weighting_plot import EffectiveWeightingPlot
 
-__all__ = ["CheckpointOnSignal", "EMA", "EffectiveWeightingPlot", "FinalSamples", "PostHocEMA", "SampleGrid"]
+__all__ = ["CheckpointOnSignal", "EMA", "EffectiveWeightingPlot", "FidelityMetrics", "FinalSamples", "PostHocEMA", "SampleGrid"]

@@ -11,9 +11,11 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import OmegaConf
 
-from ..metrics.fidelity import (extract_features, fidelity_images, fidelity_metrics, load_extractor, protocol_record,
-                                reference_statistics, resolve_weights, save_metrics_json)
+from ..metrics.fidelity import (data_key, data_split, extract_features, fidelity_images, fidelity_metrics,
+                                load_extractor, protocol_record, reference_statistics, resolve_weights,
+                                save_metrics_json)
 from ..metrics.sharding import gather_shards, generate_shard
 
 SPLITS = ("train", "val")
@@ -74,15 +76,13 @@ class FidelityMetrics(L.Callback):
         self.extractor = load_extractor(self.feature_extractor, self.weights_path, self.metric_names,
                                         str(pl_module.device))
         datamodule = trainer.datamodule
-        data = type(datamodule).__name__.removesuffix("DataModule").lower()
-        if self.reference_split == "train":
-            load = functools.partial(datamodule.train_tensor, self.reference_max_samples)
+        # the data config of the run directory names the cache entry, so `evaluate` finds the same statistics
+        run_config = Path(trainer.default_root_dir) / "config.yaml"
+        if run_config.is_file():
+            name = data_key(OmegaConf.load(run_config).data)
         else:
-            from ..evaluate import split_tensor
-
-            load = functools.partial(split_tensor, datamodule, "val", self.reference_max_samples)
-        # the data module's seed and val_fraction fix the split, so they are part of the cache key
-        name = f"{data}-seed{datamodule.seed}-val{datamodule.val_fraction}"
+            name = data_key({"_target_": type(datamodule).__name__, **datamodule.hparams, "shape": datamodule.shape})
+        load = functools.partial(data_split, datamodule, self.reference_split, self.reference_max_samples)
         self.reference = reference_statistics(self.extractor, load, name, self.reference_split, datamodule.shape[1:],
                                               self.cache_dir, self.reference_max_samples)
 
