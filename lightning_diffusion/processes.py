@@ -146,6 +146,12 @@ class VESDE(Process):
     def sigma(self, t):
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
 
+    def t_of_logsnr(self, logsnr, iters: int = 64):
+        """t = log(sigma / sigma_min) / log(sigma_max / sigma_min) with sigma = exp(-logsnr / 2), in closed form."""
+        log_sigma = -torch.as_tensor(logsnr, dtype=torch.float64) / 2
+        t = (log_sigma - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
+        return t.clamp(self.t_min, self.t_max)
+
 
 class EDMProcess(Process):
     """EDM's process: alpha = 1, sigma(t) = t, so time is the noise level (Karras et al. 2022, Table 1)."""
@@ -161,6 +167,10 @@ class EDMProcess(Process):
 
     def sigma(self, t):
         return torch.as_tensor(t)
+
+    def t_of_logsnr(self, logsnr, iters: int = 64):
+        """sigma = exp(-logsnr / 2), in closed form."""
+        return torch.exp(-torch.as_tensor(logsnr, dtype=torch.float64) / 2).clamp(self.t_min, self.t_max)
 
 
 class RectifiedFlow(Process):

@@ -104,7 +104,8 @@ class DiffusionModel(L.LightningModule):
             self.noise_levels.update(*self.all_gather_flat(t, loss.detach()))
         loss = loss * importance_weight(self.noise_levels, t).to(loss)  # 1 unless p(t) is importance-sampled
         self.log(f"{stage}/loss", loss.mean(), prog_bar=True, sync_dist=stage != "train", batch_size=x0.shape[0])
-        self.log_loss_per_logsnr_bin(loss.detach(), logsnr.detach(), stage)
+        if stage != "train" or self.global_step % self.trainer.log_every_n_steps == 0:  # per-bin logging costs ~3 ms
+            self.log_loss_per_logsnr_bin(loss.detach(), logsnr.detach(), stage)
         return loss.mean()
 
     def all_gather_flat(self, *tensors: Tensor) -> list[Tensor]:
@@ -132,7 +133,7 @@ class DiffusionModel(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
             self.on_nonfinite("gradient")
             optimizer.zero_grad(set_to_none=True)  # 'skip': no parameter has a gradient, so the step changes nothing
 
