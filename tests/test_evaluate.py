@@ -21,21 +21,14 @@ from test_metrics import digits_cnn_weights, save_png_folder
 
 FD = "fd_digits-cnn"
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def eval_overrides(ckpt, tmp_path, *extra) -> list[str]:
     return [f"ckpt_path={ckpt}", "logger=csv", "feature_extractor=digits-cnn",
             f"feature_extractor_weights_path={digits_cnn_weights()}", f"cache_dir={tmp_path / 'cache'}",
             "metrics=[fid,isc,kid]", "fidelity.kid_subset_size=20", "num_samples=40", "batch_size=10", "seeds=[0]",
             "sampler=ddim", "sampler.steps=4", *extra]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions on a shared 2-core machine: one thread avoids OpenMP spinning (and is bitwise stable)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -129,15 +129,6 @@ KARRAS_GRID = ("edm",)
 THRESHOLD = 0.04
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: one thread is faster and immune to other jobs sharing the cores (as in test_samplers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class NetworkCalls:
     """Counts forward calls of a network (the NFE as the network sees it) with a forward pre-hook, while in `with`."""
 

@@ -32,6 +32,8 @@ from lightning_diffusion.metrics.sharding import gather_shards, generate_shard, 
 TF_KEYS = {"frechet_inception_distance": "fid", "inception_score_mean": "is_mean", "inception_score_std": "is_std",
            "kernel_inception_distance_mean": "kid_mean", "kernel_inception_distance_std": "kid_std"}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _session_dir(prefix: str) -> Path:
     """A temporary folder removed when the test process exits (shared by both test modules)."""
@@ -77,15 +79,6 @@ def blur(x: torch.Tensor) -> torch.Tensor:
     kernel = torch.tensor([1.0, 2.0, 1.0])
     kernel = (kernel[:, None] * kernel[None, :] / 16).expand(x.shape[1], 1, 3, 3)
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions on a shared 2-core machine: one thread avoids OpenMP spinning (and is bitwise stable)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACKED, TARGET = (0.05, 0.10), 0.08  # the paper's pair, and a length between them to synthesise
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second intra-op thread only adds contention on a shared 2-core machine (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def relative_distance(a: dict, b: dict) -> float:

@@ -15,15 +15,6 @@ from lightning_diffusion.processes import (EDMProcess, RectifiedFlow, VESDE, VPS
                                            linear_betas)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster and immune to the other jobs sharing the two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 PROCESSES = {
@@ -33,6 +24,8 @@ PROCESSES = {
     "flow": lambda: RectifiedFlow(),
     "ddpm_cosine": lambda: ddpm(cosine_betas, T=1000),
 }
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian() -> Gaussian:

@@ -18,12 +18,7 @@ from lightning_diffusion.oracles import Gaussian  # noqa: E402
 from lightning_diffusion.processes import DiscreteDDPM, cosine_betas, linear_betas  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 T = 1000
