@@ -8,6 +8,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from helpers import FixedOutput
 from lightning_diffusion.losses import (ddpm_vlb_terms, denoising_loss, discretized_gaussian_nll, hybrid_loss,
                                         vlb_loss)
 from lightning_diffusion.oracles import Gaussian
@@ -36,18 +37,6 @@ class TinyMLP(nn.Module):
         h = self.body(h)
         out = self.mean_head(h)
         return out if self.var_head is None else torch.cat([out, torch.tanh(self.var_head(h))], dim=1)
-
-
-class FixedOutput(nn.Module):
-    """A 'network' that returns a given tensor, to set D and v exactly."""
-
-    def __init__(self, out):
-        super().__init__()
-        self.out = out
-        self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    def forward(self, x, c_noise, labels=None):
-        return self.out
 
 
 def gen(seed=0):

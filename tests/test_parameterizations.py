@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import FixedOutput
 from lightning_diffusion.oracles import Gaussian
 from lightning_diffusion.parameterizations import (
     Denoiser, EDMPreconditioning, EpsPrediction, FlowVelocity, ScorePrediction, VPrediction, X0Prediction,
@@ -47,18 +48,6 @@ def test_paper_targets_give_x0(process):
         torch.testing.assert_close(D, x0, msg=lambda m: f"{param}: {m}")
 
 
-class Lookup(nn.Module):
-    """A 'network' returning a fixed output, so a Denoiser can be fed any prediction."""
-
-    def __init__(self, out):
-        super().__init__()
-        self.out = out
-        self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    def forward(self, x, c_noise, labels=None):
-        return self.out
-
-
 @pytest.mark.parametrize("param", [EpsPrediction(), X0Prediction(), VPrediction(), ScorePrediction(),
                                    EDMPreconditioning(), FlowVelocity()], ids=repr)
 @pytest.mark.parametrize("process", PROCESSES, ids=repr)
@@ -69,11 +58,11 @@ def test_round_trip_and_oracle(param, process):
     t = process.t_min + (process.t_max - process.t_min) * (0.05 + 0.9 * torch.rand(32, generator=g, dtype=torch.float64))
     x = process.alpha(t)[:, None] * gauss.sample(32, g) + process.sigma(t)[:, None] * torch.randn(32, 2, generator=g, dtype=torch.float64)
     F = torch.randn(32, 2, generator=g, dtype=torch.float64)
-    den = Denoiser(Lookup(F), param, process)
+    den = Denoiser(FixedOutput(F), param, process)
     torch.testing.assert_close(den.target(x, t, den(x, t)), F)
     # feed the oracle's own prediction: D must be the exact posterior mean
     exact = gauss.denoiser(process)(x, t)
-    den_exact = Denoiser(Lookup(den.target(x, t, exact)), param, process)
+    den_exact = Denoiser(FixedOutput(den.target(x, t, exact)), param, process)
     torch.testing.assert_close(den_exact(x, t), exact)
 
 
@@ -110,7 +99,7 @@ def test_tweedie_helpers_agree_with_oracle_score():
 
 def test_learned_variance_splits_channels():
     out = torch.randn(5, 6, dtype=torch.float64)
-    den = Denoiser(Lookup(out), EpsPrediction(), VPSDE(), learned_variance=True)
+    den = Denoiser(FixedOutput(out), EpsPrediction(), VPSDE(), learned_variance=True)
     x, t = torch.randn(5, 3, dtype=torch.float64), torch.full((5,), 0.5, dtype=torch.float64)
     D, v = den.forward_with_variance(x, t)
     assert D.shape == (5, 3)

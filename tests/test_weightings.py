@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import FixedOutput
 from lightning_diffusion import weightings as W
 from lightning_diffusion.losses import denoising_loss
 from lightning_diffusion.noise_levels import log_normal, uniform_discrete, uniform_time
@@ -190,18 +191,6 @@ WEIGHTINGS = [W.l_simple, W.snr, W.x0_mse, W.truncated_snr, W.snr_plus_one, W.p2
               W.likelihood, W.edm, W.sigmoid]
 TARGETS = [EpsPrediction(), X0Prediction(), VPrediction(), EDMPreconditioning(), FlowVelocity()]
 PROCESSES = {"vp": VPSDE(), "ve": VESDE(), "edm": EDMProcess(), "flow": RectifiedFlow(t_max=0.999)}
-
-
-class FixedOutput(nn.Module):
-    """A 'network' returning a given tensor, to make two parameterizations produce the same D."""
-
-    def __init__(self, out):
-        super().__init__()
-        self.out = out
-        self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    def forward(self, x, c_noise, labels=None):
-        return self.out
 
 
 @pytest.mark.parametrize("pname", list(PROCESSES))
