@@ -102,11 +102,7 @@ REFUSED = {
 }
 # Pairs that run but miss the data today: library/config bugs, reported; strict, so a fix turns them into failures
 # that ask for the mark to go.
-CLEAN_END = [f for f in FAMILIES if f not in ("ncsn", "score_sde_ve")]  # processes with sigma(0) = 0
 BUGS = {
-    # rk45.yaml has steps: 1, and karras_times(process, 1) is [t_max, 0] on a process that reaches sigma = 0: rk45 has
-    # no positive inner end to integrate to, skips the ODE and returns D(x; sigma_max) (NFE 1, distance 0.6-1.3)
-    **{(f, "rk45"): "rk45.yaml: steps=1 skips the ODE (NFE 1)" for f in CLEAN_END},
     # annealed_langevin.yaml's step_lr = 2e-5 is NCSN's for a last level sigma_L = 0.01: the step at level i is
     # step_lr (sigma_i / sigma_L)^2, i.e. step_lr / sigma_L^2 times sigma_i^2, which must stay below ~2 for Langevin to
     # contract. Grids ending at sigma_L = 2e-3 (EDM), 1e-3 (VP), 1e-4 (flow) or 1e-6 (sub-VP) make it 5 .. 2e7:
