@@ -77,6 +77,7 @@ DIGITS = {
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("family", sorted(DIGITS))
 def test_family_learns_the_digits(family, tmp_path):
     """Guided samples (w = 2, 30 per class) are labelled as asked by an SVC trained on the real digits >= 80%."""
