@@ -70,6 +70,8 @@ class Stopwatch:
         self.total, self.calls, self.on = {}, {}, False
 
     def wrap(self, bucket: str, fn):
+        self.total.setdefault(bucket, 0.0)  # listed even when not called in the timed steps (e.g. gated logging)
+
         def timed_fn(*args, **kwargs):
             start = time.perf_counter()
             try:
