@@ -1,9 +1,10 @@
 """Reading a trained model back from its run directory: the resolved config.yaml plus a checkpoint."""
 
+import inspect
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .artifacts import atomic_write
@@ -38,14 +39,20 @@ def check_checkpoint(ckpt_path) -> None:
         raise ValueError(f"{ckpt_path} is not a lightning_diffusion training checkpoint: it has no {missing}")
 
 
+def model_arguments(node: DictConfig, **arguments) -> dict:
+    """The arguments the model's class (node._target_) takes: the autoencoder has no labels, guidance, first stage."""
+    accepted = inspect.signature(get_class(node._target_)).parameters
+    return {k: v for k, v in arguments.items() if k in accepted}
+
+
 def load_model(ckpt_path, device: str = "cpu"):
     """(model with the checkpoint's weights (the EMA weights when EMA was on), resolved run config)."""
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
     cfg = OmegaConf.load(find_run_config(ckpt_path))
     meta = cfg.data_meta
-    model = instantiate(cfg.model, network=instantiate(cfg.network), sample_shape=meta.shape,
-                        num_classes=meta.num_classes)
+    model = instantiate(cfg.model, **model_arguments(cfg.model, network=instantiate(cfg.network),
+                                                     sample_shape=meta.shape, num_classes=meta.num_classes))
     try:
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
         state = checkpoint["state_dict"]

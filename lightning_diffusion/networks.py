@@ -154,13 +154,16 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """DDPM residual block: GN-SiLU-conv, + Linear(SiLU(emb)), GN-SiLU-dropout-conv (zero init), 1x1 skip."""
+    """DDPM residual block: GN-SiLU-conv, + Linear(SiLU(emb)), GN-SiLU-dropout-conv (zero init), 1x1 skip.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+    With emb_dim=None it has no embedding input (the autoencoder's blocks, Rombach et al. 2022).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None, dropout: float = 0.0):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, out_ch) if emb_dim else None
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -168,9 +171,10 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.emb_proj is not None:
+            h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 

@@ -434,22 +434,33 @@ def predictor_corrector(denoiser: DenoiserFn, process: Process, x: Tensor, times
 
 
 def annealed_langevin(denoiser: DenoiserFn, process: Process, x: Tensor, times: Tensor, n_steps_each: int = 100,
-                      step_lr: float = 2e-5, denoise_last: bool = True,
+                      step_lr: float | None = 2e-5, step_ratio: float | None = None, denoise_last: bool = True,
                       generator: torch.Generator | None = None) -> Tensor:
     """Annealed Langevin dynamics at every time of the grid, step step_lr sigma_i^2 / sigma_L^2 (Song & Ermon 2019, Alg. 1).
 
-    With `denoise_last`, NCSNv2's final step x + sigma_L^2 score (Song & Ermon 2020), written as Tweedie's
-    D(x, t_L) so it also holds for alpha != 1. NFE = len(times) n_steps_each (+ 1).
+    The step is a fixed fraction r = step_lr / sigma_L^2 of each level's sigma_i^2; `step_ratio` gives r directly,
+    which means the same on every process (NCSN's 2e-5 at sigma_L = 0.01 is r = 0.2). A Langevin step of size
+    a on N(0, s^2) contracts only for a < 4 s^2, so r >= 4 is refused. With `denoise_last`, NCSNv2's final step
+    x + sigma_L^2 score (Song & Ermon 2020), written as Tweedie's D(x, t_L) so it also holds for alpha != 1.
+    NFE = len(times) n_steps_each (+ 1).
     """
-    if n_steps_each < 1 or step_lr <= 0:
-        raise ValueError(f"annealed_langevin needs n_steps_each >= 1 and step_lr > 0, got {n_steps_each}, {step_lr}")
+    if (step_lr is None) == (step_ratio is None):
+        raise ValueError(f"annealed_langevin takes exactly one of step_lr ({step_lr}) and step_ratio ({step_ratio})")
+    if n_steps_each < 1:
+        raise ValueError(f"annealed_langevin needs n_steps_each >= 1, got {n_steps_each}")
     times = _check_times(process, times)
     sigma_last = _at(process, times[-1])[1]
     if sigma_last <= 0:
         raise ValueError(f"annealed_langevin needs sigma > 0 at every time, got sigma({times[-1]}) = 0")
+    ratio = step_ratio if step_ratio is not None else step_lr / sigma_last**2
+    if not 0 < ratio < 4:
+        given = f"step_ratio={step_ratio}" if step_ratio is not None else (
+            f"step_lr={step_lr} at sigma_L={sigma_last:.3g} (step_lr / sigma_L^2 = {ratio:.3g})")
+        raise ValueError(f"annealed_langevin's step must be a fraction 0 < r < 4 of each sigma_i^2 (r >= 4 diverges), "
+                         f"got {given}: use step_ratio=0.2, or step_lr <= {0.2 * sigma_last**2:.3g}")
     for t in times:
         a_t, s_t = _at(process, t)
-        step = step_lr * (s_t / sigma_last) ** 2  # alpha_i
+        step = ratio * s_t**2  # alpha_i
         for _ in range(n_steps_each):
             # Langevin step on p_t: x + alpha_i / 2 score + sqrt(alpha_i) z
             score = (a_t * denoiser(x, _levels(x, t)) - x) / s_t**2

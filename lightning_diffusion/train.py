@@ -5,13 +5,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .checkpoints import check_checkpoint, save_run_config
+from .checkpoints import check_checkpoint, model_arguments, save_run_config
 from .tracking import register_resolvers
 
 register_resolvers()
@@ -53,18 +52,23 @@ def make(node: DictConfig, **kwargs):
 
 
 def dry_run(model, shape) -> None:
-    """One pass of the configured pieces on two zero samples (noise levels, weighting, denoiser), before training.
+    """The model's own one pass on two zero samples, before training.
 
     The chosen functions are partials whose parameters are only checked when called, and a network/data mismatch
     only shows in a forward pass; both fail here, as ConfigErrors, instead of after the first real batch.
     """
     try:
-        t = model.noise_levels(torch.tensor([0.25, 0.75], dtype=torch.float64), model.process)
-        model.weighting(t, model.process)
-        with torch.no_grad():
-            model.denoiser(torch.zeros(2, *shape), t, torch.full((2,), model.num_classes) if model.num_classes else None)
+        model.dry_run(shape)
     except (ValueError, RuntimeError, TypeError) as err:
         raise ConfigError(f"the configured model cannot train on samples of shape {tuple(shape)}: {err}") from err
+
+
+def make_callback(name: str, node: DictConfig):
+    if "_target_" not in node:  # e.g. debug=fast sizing a sample grid that callbacks=autoencoder does not have
+        raise ConfigError(f"callbacks.{name} = {OmegaConf.to_container(node)} has no _target_: an override set keys "
+                          "of a callback the chosen callbacks config does not have (drop the override, or add "
+                          f"callbacks.{name}._target_)")
+    return make(node)
 
 
 def build(cfg: DictConfig):
@@ -74,15 +78,23 @@ def build(cfg: DictConfig):
     # computed only if a config asks for it
     OmegaConf.register_new_resolver("data_stat", lambda name: float(getattr(datamodule, name)()), replace=True)
     num_classes = datamodule.num_classes if cfg.conditional else 0
+    shape, extra = datamodule.shape, {}
+    if cfg.model.get("first_stage"):  # latent diffusion: the family runs on the frozen autoencoder's latents
+        extra["first_stage"] = first_stage = make(cfg.model.first_stage)
+        try:
+            first_stage.check_data(shape)
+        except ValueError as err:
+            raise ConfigError(f"model.first_stage: {err}") from err
+        shape = first_stage.latent_shape
     with open_dict(cfg):
         if cfg.get("sampler"):  # a sampler=<name> choice replaces the family's default sampler
             cfg.model.sampler = cfg.sampler
-        cfg.data_meta = data_meta(datamodule.shape, num_classes, 2 if cfg.model.get("learned_variance") else 1)
+        cfg.data_meta = data_meta(shape, num_classes, 2 if cfg.model.get("learned_variance") else 1)
     guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else (2.0 if num_classes else 1.0)
-    model = make(cfg.model, network=make(cfg.network), sample_shape=datamodule.shape, num_classes=num_classes,
-                 guidance_scale=guidance_scale)
-    dry_run(model, datamodule.shape)
-    callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    model = make(cfg.model, **model_arguments(cfg.model, network=make(cfg.network), sample_shape=shape,
+                                              num_classes=num_classes, guidance_scale=guidance_scale, **extra))
+    dry_run(model, shape)
+    callbacks = [make_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     loggers = [make(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer = make(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)
     return datamodule, model, trainer

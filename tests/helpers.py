@@ -11,6 +11,8 @@ from torch import nn
 from lightning_diffusion.tracking import register_resolvers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# the diffusion families: conf/model/ also has the autoencoder and latent (a family on an autoencoder's latents)
+FAMILIES = sorted(p.stem for p in (CONF / "model" / "family").glob("*.yaml"))
 
 register_resolvers()
 

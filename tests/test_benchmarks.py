@@ -64,3 +64,9 @@ def test_peak_memory_quick():
 def test_compile_bf16_quick():
     out = run_quick("compile_bf16.py")
     assert len(tables(out)) == 1 and "bf16-mixed" in out
+
+
+@pytest.mark.slow
+def test_latent_cost_quick():
+    out = run_quick("latent_cost.py")
+    assert len(tables(out)) == 1 and out.count("latents, cached") == 2

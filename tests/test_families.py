@@ -15,12 +15,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from helpers import CONF, compose_config
+from helpers import CONF, FAMILIES, compose_config
 from lightning_diffusion import noise_levels, parameterizations, processes, weightings
 from lightning_diffusion.distances import energy_distance
 from lightning_diffusion.train import build, train
 
-FAMILIES = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
 
 # Only what a run on the CPU needs: no W&B, no progress bar, no grids or checkpoints in between.
@@ -101,17 +100,6 @@ REFUSED = {
     # Langevin needs a score at every level, and DDPM's uniform grid ends at t = 0, where sigma = 0
     ("ddpm", "annealed_langevin"): "needs sigma > 0",
 }
-# Pairs that run but miss the data today: library/config bugs, reported; strict, so a fix turns them into failures
-# that ask for the mark to go.
-BUGS = {
-    # annealed_langevin.yaml's step_lr = 2e-5 is NCSN's for a last level sigma_L = 0.01: the step at level i is
-    # step_lr (sigma_i / sigma_L)^2, i.e. step_lr / sigma_L^2 times sigma_i^2, which must stay below ~2 for Langevin to
-    # contract. Grids ending at sigma_L = 2e-3 (EDM), 1e-3 (VP), 1e-4 (flow) or 1e-6 (sub-VP) make it 5 .. 2e7:
-    # the samples diverge (NaN or 1e6) instead of being refused
-    **{(f, "annealed_langevin"): "annealed_langevin diverges when sigma_L << 0.01"
-       for f in ("edm", "flow", "score_sde", "score_sde_subvp")},
-}
-
 TOY = QUIET + ["data=gaussian_mixture", "network=mlp", "data.batch_size=256", "model.optimizer.lr=2e-3",
                "trainer.max_steps=1000", "trainer.val_check_interval=1000", "callbacks.ema.half_life_steps=100",
                "callbacks.final_samples=null"]
@@ -165,15 +153,8 @@ def sampler_config(family: str, sampler: str):
     return instantiate(cfg.sampler)
 
 
-def pair(family, sampler):
-    if (family, sampler) in BUGS:
-        reason = BUGS[family, sampler]
-        return pytest.param(family, sampler, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
-    return pytest.param(family, sampler)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("family,sampler", [pair(f, s) for f in FAMILIES for s in SAMPLERS])
+@pytest.mark.parametrize("family,sampler", [(f, s) for f in FAMILIES for s in SAMPLERS])
 def test_every_family_with_every_sampler(family, sampler, toy_models, one_thread):
     model, real = toy_models(family)
     generate = sampler_config(family, sampler)

@@ -185,6 +185,10 @@ STOCHASTIC = {
                              S.uniform_times(VESDE(0.01, 5.0, t_min=0.0), 200)),
     "pc_vp_em": (partial(S.predictor_corrector, predictor=S.euler_maruyama_step), VPSDE(), S.uniform_times(VPSDE(), 200)),
     "annealed_langevin": (partial(S.annealed_langevin, n_steps_each=50, step_lr=1e-3), VE_AL, S.uniform_times(VE_AL, 9)),
+    # the step as a fraction of each sigma^2 runs on a process whose last level (2e-3) NCSN's step_lr would blow up;
+    # NCSN's geometric ladder (at r = 0.2 the 50 steps per level leave the modes 1.3x too wide: measured)
+    "annealed_langevin_ratio": (partial(S.annealed_langevin, n_steps_each=50, step_lr=None, step_ratio=2.0), EDM_10,
+                                torch.logspace(1, math.log10(0.002), 10, dtype=torch.float64)),
     "heun_churn": (partial(S.pf_ode, solver=partial(S.heun, S_churn=20.0, S_tmax=5.0)), EDM_10, S.karras_times(EDM_10, 64)),
 }
 ED_THRESHOLD = 0.015  # two true 1000-sample sets: ~0.004; D scaled by 1.05: > 0.05
@@ -384,6 +388,10 @@ def test_bad_input_raises_value_error_naming_the_value():
         S.predictor_corrector(d, process, x, torch.tensor([1.0, 0.5]), snr=0.0)
     with pytest.raises(ValueError, match="sigma"):
         S.annealed_langevin(d, process, x, torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"step_lr=2e-05 at sigma_L=0.002 \(step_lr / sigma_L\^2 = 5\).*step_ratio=0.2"):
+        S.annealed_langevin(d, EDMProcess(0.002, 80.0), x, torch.tensor([80.0, 0.002]))
+    with pytest.raises(ValueError, match="exactly one of step_lr"):
+        S.annealed_langevin(d, process, x, torch.tensor([1.0, 0.5]), step_ratio=0.2)
     with pytest.raises(ValueError, match="n >= 1"):
         S.karras_sigmas(0, 0.1, 1.0)
     with pytest.raises(ValueError, match="sigma_max < inf"):
@@ -407,7 +415,7 @@ def test_every_sampler_instantiates_from_a_hydra_partial(process, disc):
         {"_target_": base + "euler_maruyama", "_partial_": True},
         {"_target_": base + "predictor_corrector", "_partial_": True, "corrector_steps": 1, "snr": 0.1,
          "predictor": {"_target_": base + "euler_maruyama_step", "_partial_": True}},
-        {"_target_": base + "annealed_langevin", "_partial_": True, "n_steps_each": 2},
+        {"_target_": base + "annealed_langevin", "_partial_": True, "n_steps_each": 2, "step_lr": None, "step_ratio": 0.2},
     ] + [{"_target_": base + "pf_ode", "_partial_": True, "solver": {"_target_": base + solver, "_partial_": True}}
          for solver in ("euler", "heun", "dpm_solver_pp_2m", "rk45")]
     clean_end = float(process.sigma(disc(process, 4)[-1])) == 0

@@ -3,8 +3,9 @@
 from .ema import EMA
 from .evaluation import FidelityMetrics
 from .posthoc_ema import PostHocEMA
-from .samples import FinalSamples, SampleGrid
+from .samples import FinalSamples, ReconstructionGrid, SampleGrid
 from .signals import CheckpointOnSignal
 from .weighting_plot import EffectiveWeightingPlot
 
-__all__ = ["CheckpointOnSignal", "EMA", "EffectiveWeightingPlot", "FidelityMetrics", "FinalSamples", "PostHocEMA", "SampleGrid"]
+__all__ = ["CheckpointOnSignal", "EMA", "EffectiveWeightingPlot", "FidelityMetrics", "FinalSamples", "PostHocEMA",
+           "ReconstructionGrid", "SampleGrid"]

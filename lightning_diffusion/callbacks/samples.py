@@ -1,4 +1,5 @@
-"""Callbacks that draw samples: grids during validation, and the final samples, checked by a real-data classifier."""
+"""Callbacks that draw images: sample grids during validation, the final samples (checked by a real-data classifier),
+and an autoencoder's reconstructions."""
 
 from pathlib import Path
 
@@ -38,6 +39,22 @@ class SampleGrid(L.Callback):
         x, _ = pl_module.generate(self.n, labels, generator=torch.Generator().manual_seed(self.seed))
         path = save_grid(x, Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step:07d}.png")
         log_image(trainer, "samples", path, trainer.global_step)
+
+
+class ReconstructionGrid(L.Callback):
+    """At each validation, save / log the first `n` validation images (top row) over their reconstructions."""
+
+    def __init__(self, n: int = 16):
+        self.n = n
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        x = batch[0][: self.n]
+        grid = torch.cat([x, pl_module.reconstruct(x)])
+        path = save_grid(grid, Path(trainer.default_root_dir) / "reconstructions" / f"step{trainer.global_step:07d}.png",
+                         nrow=x.shape[0])
+        log_image(trainer, "reconstructions", path, trainer.global_step)
 
 
 class FinalSamples(L.Callback):

@@ -107,6 +107,18 @@ class DiffusionDataModule(L.LightningDataModule):
             self.prepare_data()
             self.setup("fit")
 
+    def encode_splits(self, encode, batch_size: int = 256) -> None:
+        """Replace the train and val splits by (encode(x), y), computed once (latent diffusion's latent cache).
+
+        Statistics and evaluation (`train_tensor`, `sample_real`) keep reading the data themselves.
+        """
+        if self.hflip:
+            raise ValueError("a latent cache would freeze one random flip per image: use data.hflip=false, "
+                             "or model.latent_cache=false to encode every batch")
+        self._ensure_setup()
+        self.train_dataset, self.val_dataset = (_encoded(d, encode, batch_size)
+                                                for d in (self.train_dataset, self.val_dataset))
+
     # --- real data for evaluation and for data-dependent hyper-parameters ------------------------------
 
     def train_tensor(self, max_samples: int | None = None, labels: bool = False):
@@ -143,6 +155,15 @@ class DiffusionDataModule(L.LightningDataModule):
     def to_uint8(x: Tensor) -> Tensor:
         """Images in [-1, 1] to uint8 for saving."""
         return to_uint8(x)
+
+
+@torch.no_grad()
+def _encoded(dataset: Dataset, encode, batch_size: int) -> TensorDataset:
+    """(encode(x), y) for every pair of `dataset`, in order, as an in-memory TensorDataset."""
+    pairs = [(encode(x), y) for x, y in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_pair)]
+    if not pairs:
+        return TensorDataset(torch.empty(0), torch.empty(0, dtype=torch.long))
+    return TensorDataset(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
 
 
 def _gather(dataset: Subset, idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,11 +12,20 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..first_stage import FirstStage
 from ..losses import denoising_loss
 from ..noise_levels import importance_weight, stratified_draws, uniform_draws
 from ..parameterizations import Denoiser, Parameterization
 from ..processes import DiscreteDDPM, Process, expand_to
 from ..samplers import classifier_free_guidance
+
+
+def with_linear_warmup(optimizer: torch.optim.Optimizer, steps: int):
+    """Lightning's configure_optimizers answer: the learning rate ramped linearly over the first `steps` steps."""
+    if not steps:
+        return optimizer
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
 class DiffusionModel(L.LightningModule):
@@ -28,6 +37,9 @@ class DiffusionModel(L.LightningModule):
         label_dropout: probability of replacing a label by the null label (classifier-free guidance training,
             Ho & Salimans 2022); `guidance_scale` is the default w at sampling (1 = plain conditional).
         logsnr_bins: edges of the logsnr bins in which the training loss is also logged.
+        first_stage: a frozen autoencoder: the family then runs on its scaled latents (latent diffusion, Rombach et
+            al. 2022) and samples are decoded; `latent_cache` encodes the data set once when fitting starts
+            (each step then draws z from the cached q(z | x)) instead of encoding every batch.
     """
 
     def __init__(
@@ -50,6 +62,8 @@ class DiffusionModel(L.LightningModule):
         uncertainty: nn.Module | None = None,
         loss: Callable = denoising_loss,
         nonfinite: str = "stop",
+        first_stage: FirstStage | None = None,
+        latent_cache: bool = False,
     ):
         super().__init__()
         if not 0.0 <= label_dropout <= 1.0:
@@ -59,6 +73,9 @@ class DiffusionModel(L.LightningModule):
                              "use learned_variance=false, or model=ddpm")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        if latent_cache and first_stage is None:
+            raise ValueError("latent_cache=True caches a first stage's latents, but there is no first_stage "
+                             "(use model=latent, or latent_cache=false)")
         if guidance_scale != 1.0 and num_classes == 0:
             raise ValueError(f"guidance_scale={guidance_scale} needs labelled data, but num_classes=0 "
                              "(use guidance_scale=1.0, or a data set with labels)")
@@ -71,6 +88,15 @@ class DiffusionModel(L.LightningModule):
         self.logsnr_bins = torch.tensor(logsnr_bins, dtype=torch.float64)
         self.uncertainty, self.loss_fn = uncertainty, loss
         self.nonfinite, self.skipped_steps = nonfinite, 0
+        self.first_stage, self.latent_cache = first_stage, latent_cache
+
+    def dry_run(self, shape: Sequence[int]) -> None:
+        """One pass of the chosen noise levels, weighting and denoiser on two zero samples (their errors surface here)."""
+        t = self.noise_levels(torch.tensor([0.25, 0.75], dtype=torch.float64), self.process)
+        self.weighting(t, self.process)
+        labels = torch.full((2,), self.num_classes) if self.num_classes else None
+        with torch.no_grad():
+            self.denoiser(torch.zeros(2, *shape), t, labels)
 
     # ---- training ---------------------------------------------------------------------------------------------------
     def draw_noise_levels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -94,8 +120,19 @@ class DiffusionModel(L.LightningModule):
             loss = self.uncertainty(loss, logsnr)
         return loss, logsnr
 
+    def to_latent(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A data batch -> what the diffusion runs on: x itself, or scaled latents (from cached moments if cached)."""
+        if self.first_stage is None:
+            return x
+        return self.first_stage.sample(x, generator) if self.latent_cache else self.first_stage.encode(x, generator)
+
+    def on_fit_start(self) -> None:
+        if self.latent_cache:
+            self.trainer.datamodule.encode_splits(lambda x: self.first_stage.moments(x.to(self.device)).cpu())
+
     def _step(self, batch, stage: str, generator: torch.Generator | None = None) -> Tensor:
-        x0, labels = batch
+        x, labels = batch
+        x0 = self.to_latent(x, generator)
         labels = self.drop_labels(labels) if stage == "train" else (labels if self.num_classes else None)
         t = self.draw_noise_levels(x0.shape[0], generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
@@ -168,11 +205,7 @@ class DiffusionModel(L.LightningModule):
 
     def configure_optimizers(self):
         params = list(self.denoiser.parameters()) + (list(self.uncertainty.parameters()) if self.uncertainty else [])
-        optimizer = self.optimizer_factory(params)
-        if not self.lr_warmup_steps:
-            return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / self.lr_warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        return with_linear_warmup(self.optimizer_factory(params), self.lr_warmup_steps)
 
     # ---- sampling ---------------------------------------------------------------------------------------------------
     def guided_denoiser(self, labels: Tensor | None, guidance_scale: float | None):
@@ -194,6 +227,8 @@ class DiffusionModel(L.LightningModule):
         options = {"variance": self.reverse_variance} if self.uses_learned_variance(sampler) else {}
         x, nfe = sampler(denoiser=self.guided_denoiser(labels, guidance_scale), process=self.process,
                          shape=(n, *self.sample_shape), generator=generator, device=self.device, **options)
+        if self.first_stage is not None:
+            x = self.first_stage.decode(x.to(torch.get_default_dtype()))
         return x.to(torch.get_default_dtype()), nfe
 
     def uses_learned_variance(self, sampler: Callable) -> bool:
