@@ -135,6 +135,23 @@ def karras_times(process: Process, n: int, sigma_min: float | None = None, sigma
     return times_of_sigmas(process, karras_sigmas(n, sigma_min, sigma_max, rho))
 
 
+def geometric_times(process: Process, n: int, sigma_min: float | None = None,
+                    sigma_max: float | None = None) -> Tensor:
+    """n + 1 times whose sigma~ fall geometrically from sigma_max to sigma_min, each kept inside the process's range.
+
+    NCSN's ladder sigma_i = sigma_1 (sigma_L / sigma_1)^((i-1)/(L-1)) (Song & Ermon 2019) on any process: evenly
+    spaced in logsnr. On a VESDE with its own range it equals `uniform_times`.
+    """
+    lowest, highest = (float(s) for s in process.sigma_tilde_range())
+    sigma_min = lowest if sigma_min is None else max(sigma_min, lowest)
+    sigma_max = highest if sigma_max is None else min(sigma_max, highest)
+    if n < 1 or not 0 < sigma_min < sigma_max:
+        raise ValueError(f"geometric_times needs n >= 1 and 0 < sigma_min < sigma_max, got n={n}, "
+                         f"sigma_min={sigma_min}, sigma_max={sigma_max}")
+    sigmas = torch.logspace(math.log10(sigma_max), math.log10(sigma_min), n + 1, dtype=torch.float64)
+    return times_of_sigmas(process, sigmas)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # NFE counting and guidance
 # ----------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch.distributions import Normal, kl_divergence
 from helpers import FAMILIES, FAST, compose_config
 from lightning_diffusion.autoencoders import (KLAutoencoder, PatchDiscriminator, gaussian_kl, gaussian_sample,
                                               hinge_discriminator_loss)
+from lightning_diffusion.checkpoints import load_model
 from lightning_diffusion.data import DigitsDataModule
 from lightning_diffusion.first_stage import FirstStage
 from lightning_diffusion.models import AutoencoderModel, DiffusionModel
@@ -202,10 +203,13 @@ def test_latent_cache_needs_a_first_stage(tmp_path):
 def test_a_latent_run_trains_and_decodes_its_samples(autoencoder_ckpt, tmp_path):
     overrides = ["model=latent", "model.latent_cache=true", f"model.first_stage.ckpt_path={autoencoder_ckpt}",
                  *QUIET, "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.sample_grid.n=4",
-                 "callbacks.final_samples.n_per_class=1"]
+                 "callbacks.final_samples.n_per_class=1", "callbacks.checkpoint.every_n_train_steps=2"]
     metrics = train(compose_config(overrides, tmp_path))
     samples = np.load(tmp_path / "samples" / "final.npz")["samples"]
     assert samples.shape == (10, 1, 8, 8) and metrics["final/num_samples"] == 10
+    model, _ = load_model(tmp_path / "checkpoints" / "last.ckpt")  # what sample / evaluate read back
+    x, _ = model.generate(3, torch.tensor([0, 1, 2]), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 8, 8) and model.first_stage is not None
 
 
 # ---------------------------------------------------------------- slow: the digits, end to end

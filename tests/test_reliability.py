@@ -92,12 +92,11 @@ def final_state(run_dir):
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     """Megatron-style: killed at a random step (SIGKILL) and resumed == uninterrupted, weights, EMA and Adam state.
 
-    Batch 16: one epoch is 101 steps, so the kill and the rest of the run fall inside the first epoch (the data
-    position restored by StatefulDataLoader, the RNG by the checkpoint). Across an epoch boundary after a resume the
-    shuffle is not yet the same (torchdata's sampler state), a known gap.
+    Batch 32: one epoch is 51 steps; the kill falls mid-epoch (data position restored by StatefulDataLoader, the
+    RNG by the checkpoint) and the resumed run crosses into the second epoch, whose shuffle must match too.
     """
-    steps, every = 39, 3  # last.ckpt is written every 3 steps, so at step 39
-    args = [sys.executable, "-m", "lightning_diffusion.train", "data=digits", "data.batch_size=16",
+    steps, every = 63, 3  # last.ckpt is written every 3 steps, so at step 63
+    args = [sys.executable, "-m", "lightning_diffusion.train", "data=digits", "data.batch_size=32",
             "network.channels=16", "logger=csv",
             "trainer.enable_progress_bar=false", "trainer.deterministic=true", "trainer.limit_val_batches=0",
             "trainer.log_every_n_steps=1", f"callbacks.checkpoint.every_n_train_steps={every}",
@@ -107,7 +106,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(args + [f"trainer.max_steps={steps}", f"hydra.run.dir={straight}"], env=env, check=True,
                    capture_output=True, timeout=600)
-    kill_after = random.Random(1).randint(10, 30)  # checkpoints seen before the kill
+    kill_after = random.Random(1).randint(10, 45)  # checkpoints seen before the kill (before the epoch ends at 51)
     proc = subprocess.Popen(args + [f"trainer.max_steps={steps}", f"hydra.run.dir={killed}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / "checkpoints" / "last.ckpt"

@@ -402,6 +402,19 @@ def test_bad_input_raises_value_error_naming_the_value():
         S.uniform_times(process, 5, t_min=1.0, t_max=0.5)
 
 
+def test_geometric_times_are_ncsns_ladder_on_any_process():
+    ve = VESDE(0.01, 5.0, t_min=0.0)
+    torch.testing.assert_close(S.geometric_times(ve, 9), S.uniform_times(ve, 9))  # VE's sigma is geometric in t
+    vp = VPSDE()
+    sigmas = vp.sigma_tilde(S.geometric_times(vp, 6, sigma_min=0.01, sigma_max=10.0))
+    torch.testing.assert_close(sigmas, torch.logspace(1, -2, 7, dtype=torch.float64))
+    lowest, highest = vp.sigma_tilde_range()  # levels outside the process's range are moved to its ends
+    torch.testing.assert_close(vp.sigma_tilde(S.geometric_times(vp, 6, sigma_min=0.0, sigma_max=1e4))[[0, -1]],
+                               torch.tensor([float(highest), float(lowest)], dtype=torch.float64))
+    with pytest.raises(ValueError, match="n=0"):
+        S.geometric_times(vp, 0)
+
+
 @pytest.mark.parametrize("process", [VPSDE(), VESDE()], ids=["vp", "ve"])
 @pytest.mark.parametrize("disc", [S.uniform_times, S.karras_times], ids=["uniform", "karras"])
 def test_every_sampler_instantiates_from_a_hydra_partial(process, disc):

@@ -8,7 +8,7 @@ DistributedSampler then shards the map-style train set. Unlabeled data yields y 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -87,11 +87,14 @@ class DiffusionDataModule(L.LightningDataModule):
         self.train_dataset = HFlip(train) if self.hflip else train
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        # stateful: Lightning checkpoints the position inside the epoch, so a resumed run sees the same batches
-        # its own seeded generator: the shuffle never draws from (or shifts) the global RNG of the training step
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                                  generator=generator, collate_fn=collate_pair,
+        # stateful: Lightning checkpoints the position inside the epoch, so a resumed run sees the same batches.
+        # The shuffle has its own seeded generator, apart from the loader's (which draws the workers' base seed at
+        # every epoch): shared, a restored sampler state would be shifted by those draws and every epoch after a
+        # resume would be shuffled differently. Neither touches the global RNG of the training step. (torch's
+        # RandomSampler: Lightning swaps it for a shuffling DistributedSampler under DDP.)
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None
+        return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                  generator=torch.Generator().manual_seed(self.seed + 1), collate_fn=collate_pair,
                                   persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
