@@ -31,16 +31,17 @@ def uniform_draws(n: int, generator: torch.Generator | None = None, device=None,
 
 def stratified_draws(n: int, rank: int = 0, world_size: int = 1, generator: torch.Generator | None = None,
                      device=None, dtype=torch.float64) -> Tensor:
-    """Stratified uniforms (i + U_i) / N over the global batch N = n * world_size; this rank takes strata [rank n, (rank+1) n).
+    """Stratified uniforms (i + U_i) / N over the global batch N = n * world_size; this rank takes strata rank + k W.
 
     The low-discrepancy draws of Kingma et al. 2021 (VDM, appendix I.1) and k-diffusion's `stratified_uniform`:
-    across ranks the global batch hits every stratum exactly once.
+    across ranks the global batch hits every stratum exactly once. Interleaved, so every rank's share spans all of
+    [0, 1) too (contiguous shares would make each rank's logged loss that of a band of noise levels).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got n={n}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    strata = torch.arange(rank * n, (rank + 1) * n, device=device, dtype=dtype)
+    strata = torch.arange(rank, n * world_size, world_size, device=device, dtype=dtype)
     return (strata + torch.rand(n, generator=generator, device=device, dtype=dtype)) / (n * world_size)
 
 

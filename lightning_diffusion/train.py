@@ -97,6 +97,10 @@ def build(cfg: DictConfig):
     callbacks = [make_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     loggers = [make(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer = make(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)
+    try:
+        datamodule.split_global_batch(trainer.num_devices * trainer.num_nodes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return datamodule, model, trainer
 
 

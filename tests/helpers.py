@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -45,3 +46,15 @@ class FixedOutput(nn.Module):
 
     def forward(self, x, c_noise, labels=None):
         return self.out
+
+
+
+class SaveRankState(L.Callback):
+    """For subprocess runs (PYTHONPATH=tests): each rank saves its weights and per-device batch when fitting ends.
+
+    Runs after EMA's on_fit_end (later in the callbacks list), which has copied the EMA weights into the model.
+    """
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save({"weights": pl_module.state_dict(), "batch_size": trainer.datamodule.batch_size},
+                    Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")

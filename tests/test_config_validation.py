@@ -25,6 +25,8 @@ CLEAR = (ConfigError, ConfigCompositionException, FileNotFoundError)
     (["model=edm", "model.noise_levels.P_std=0"], "P_std"),
     (["model=ddpm", "model.weighting._target_=lightning_diffusion.weightings.min_snr", "+model.weighting.gamma=-1"],
      "gamma"),
+    (["trainer.devices=3", "trainer.strategy=ddp"], r"data.batch_size=128 is the global batch.*multiple of 3"),
+    (["experiment=autoencoder", "debug=fast"], "callbacks.sample_grid .* has no _target_"),
 ])
 def test_bad_config_gives_one_clear_error(overrides, message, tmp_path):
     with pytest.raises(CLEAR, match=message):

@@ -34,9 +34,9 @@ def test_stratified_draws_cover_each_stratum_once_across_ranks(n, world_size):
     u = torch.cat(draws)
     assert (u >= 0).all() and (u < 1).all()
     assert torch.equal((u * N).floor().long().sort().values, torch.arange(N))
-    # each rank its own contiguous slice of strata
+    # each rank every world_size-th stratum: its share spans [0, 1), so its loss is that of the whole range
     for rank, d in enumerate(draws):
-        assert torch.equal((d * N).floor().long(), torch.arange(rank * n, (rank + 1) * n))
+        assert torch.equal((d * N).floor().long(), torch.arange(rank, N, world_size))
     # seeded
     assert torch.equal(draws[0], stratified_draws(n, 0, world_size, gen(0)))
 

@@ -110,6 +110,17 @@ class DiffusionDataModule(L.LightningDataModule):
             self.prepare_data()
             self.setup("fit")
 
+    def split_global_batch(self, world_size: int) -> None:
+        """Make `batch_size` the global batch: each of the `world_size` processes loads batch_size / world_size.
+
+        The global batch, and with it the optimisation, is then the config's whatever the device count; the learning
+        rate is never rescaled implicitly (set model.optimizer.lr for the global batch you chose).
+        """
+        if self.batch_size % world_size:
+            raise ValueError(f"data.batch_size={self.batch_size} is the global batch and must split evenly over the "
+                             f"{world_size} processes (devices x num_nodes): use a multiple of {world_size}")
+        self.global_batch_size, self.batch_size = self.batch_size, self.batch_size // world_size
+
     def encode_splits(self, encode, batch_size: int = 256) -> None:
         """Replace the train and val splits by (encode(x), y), computed once (latent diffusion's latent cache).
 

@@ -126,6 +126,12 @@ class DiffusionModel(L.LightningModule):
             return x
         return self.first_stage.sample(x, generator) if self.latent_cache else self.first_stage.encode(x, generator)
 
+    def on_train_start(self) -> None:
+        # every rank starts from the same seed (and a resumed run from rank 0's saved state): give each rank its own
+        # stream of noise, noise levels and label dropout, derived deterministically from the shared one
+        if self.trainer.world_size > 1:
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + self.global_rank)
+
     def on_fit_start(self) -> None:
         if self.latent_cache:
             self.trainer.datamodule.encode_splits(lambda x: self.first_stage.moments(x.to(self.device)).cpu())
