@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from .artifacts import atomic_write
@@ -16,6 +17,23 @@ def save_run_config(cfg: DictConfig, run_dir) -> Path:
     """Write the fully resolved config to <run_dir>/config.yaml (what `load_model` and `tables` read back)."""
     path = Path(run_dir) / CONFIG_NAME
     return atomic_write(path, lambda tmp: OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), tmp))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, written to a temporary file beside the target and renamed over it (os.replace).
+
+    Lightning's own save stages the file in the system temp folder and moves it: where that folder is on another
+    filesystem than the run (node-local /tmp, a shared run folder: most clusters) the move is a copy, and a kill
+    during it leaves a truncated last.ckpt. Temporary files of saves killed earlier are removed first.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # object storage: Lightning's transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        for stale in path.parent.glob(f".{path.name}.*"):
+            stale.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def find_run_config(ckpt_path) -> Path:

@@ -142,3 +142,34 @@ def test_truncated_or_foreign_checkpoint_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="foreign.ckpt is not a lightning_diffusion training checkpoint"):
         resolve_ckpt_path(str(foreign), tmp_path)
+
+
+SAVE_FOREVER = """
+import sys, torch
+from lightning_diffusion.checkpoints import AtomicCheckpointIO
+path, io = sys.argv[1], AtomicCheckpointIO()  # what the trainer configs give ModelCheckpoint and the SLURM requeue
+for version in range(1, 10_000):
+    io.save_checkpoint({"version": version, "weights": torch.full((32_000_000,), float(version))}, path)
+    print(version, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    """A 128 MB checkpoint rewritten in a loop and SIGKILLed at random moments: the file on disk is always a whole
+    checkpoint, the last one finished or the next. The system temp folder is put on another filesystem (/dev/shm),
+    as on clusters, where Lightning's own save (staged there, then copied) left a truncated file 1 time in 6."""
+    path = tmp_path / "last.ckpt"
+    env = {**os.environ, "TMPDIR": "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)}
+    for seed in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True,
+                                env=env)
+        finished = int(proc.stdout.readline())  # one whole save done
+        time.sleep(random.Random(seed).uniform(0.05, 0.5))  # now most likely inside a save
+        proc.kill()
+        proc.wait()
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["version"] >= finished
+        assert torch.equal(checkpoint["weights"][[0, -1]], torch.full((2,), float(checkpoint["version"])))
+    # at most the temporary file of the killed save is left, hidden, and the next save removes it
+    assert all(p.name.startswith(".last.ckpt.") for p in tmp_path.iterdir() if p != path)
