@@ -204,14 +204,21 @@ def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
-def scaled_denoiser(denoiser: DenoiserFn, process: Process) -> DenoiserFn:
-    """EDM's D(x~; sigma~) from a process-time denoiser: D = denoiser(alpha(t) x~, t) at t = t(sigma~) (Karras et al. 2022)."""
+def scaled_denoiser(denoiser: DenoiserFn, process: Process, known: dict[float, float] | None = None) -> DenoiserFn:
+    """EDM's D(x~; sigma~) from a process-time denoiser: D = denoiser(alpha(t) x~, t) at t = t(sigma~) (Karras et al. 2022).
+
+    `known` maps sigma~ values to their times (a solver's grid), so only levels off the grid need the bisection.
+    """
+    known = known or {}
 
     def denoiser_tilde(x: Tensor, sigma: Tensor) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0])
-        # invert logsnr once per distinct level (usually one per call)
+        # invert logsnr once per distinct level (usually one per call), by table when the level is on the grid
         levels, inverse = torch.unique(sigma, return_inverse=True)
-        t = _t_of_sigma(process, levels)[inverse]
+        if levels.numel() == 1 and float(levels) in known:
+            t = torch.full_like(sigma, known[float(levels)])
+        else:
+            t = _t_of_sigma(process, levels)[inverse]
         return denoiser(expand_to(process.alpha(t), x) * x, t)
 
     return denoiser_tilde
@@ -338,7 +345,9 @@ def pf_ode(denoiser: DenoiserFn, process: Process, x: Tensor, times: Tensor, sol
     if alpha_first <= 0:
         raise ValueError(f"pf_ode needs alpha(times[0]) > 0 (sigma~ finite), got alpha({float(times[0])}) = {alpha_first} "
                          f"for {process!r}: start the grid earlier (e.g. t_max < 1 for RectifiedFlow) or use ddim")
-    x = solver(scaled_denoiser(denoiser, process), x / alpha_first, sigmas_of_times(process, times), generator=generator)
+    sigmas = sigmas_of_times(process, times)
+    known = dict(zip(sigmas.tolist(), times.tolist()))  # the grid's own times: no bisection on the grid
+    x = solver(scaled_denoiser(denoiser, process, known), x / alpha_first, sigmas, generator=generator)
     return alpha_last * x
 
 

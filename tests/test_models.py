@@ -86,8 +86,24 @@ def test_ema_half_life_ramps_from_step_zero():
     assert ema.decay(1000) == pytest.approx(0.5 ** (1 / 100.0))
     assert ema.decay(10**6) == pytest.approx(0.5 ** (1 / 500.0))
     assert EMA(half_life_steps=None, decay=0.9999).decay(5) == 0.9999
-    averaged, current = torch.zeros(3), torch.ones(3)
-    torch.testing.assert_close(ema._average(averaged, current, torch.tensor(1000)),
-                               torch.full((3,), 1 - 0.5 ** (1 / 100.0)))
     with pytest.raises(ValueError, match="exactly one of half_life_steps"):
         EMA(half_life_steps=100, decay=0.99)
+
+
+def test_ema_update_is_the_recurrence_it_states():
+    """Through torch's AveragedModel (as Lightning's WeightAveraging drives it): first a copy, then
+    avg_n = beta(n) avg_{n-1} + (1 - beta(n)) w_n with beta(n) = decay(n), n = updates so far."""
+    ema = EMA(half_life_steps=3, ramp=0.5)
+    net = torch.nn.Linear(3, 2)
+    averaged = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=ema._average_all, use_buffers=True)
+    expected = [p.detach().clone() for p in net.parameters()]
+    averaged.update_parameters(net)
+    for n in range(1, 6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        averaged.update_parameters(net)
+        beta = ema.decay(n)
+        expected = [beta * e + (1 - beta) * p.detach() for e, p in zip(expected, net.parameters())]
+    for got, want in zip(averaged.module.parameters(), expected):
+        torch.testing.assert_close(got, want)

@@ -23,7 +23,7 @@ class EMA(WeightAveraging):
         if ramp is not None and ramp <= 0:
             raise ValueError(f"ramp must be > 0 or None, got {ramp}")
         self.half_life_steps, self.ramp, self.fixed_decay = half_life_steps, ramp, decay
-        super().__init__(avg_fn=self._average, use_buffers=True)
+        super().__init__(multi_avg_fn=self._average_all, use_buffers=True)
 
     def decay(self, num_averaged: int) -> float:
         """The decay used for the update after `num_averaged` earlier ones."""
@@ -32,9 +32,12 @@ class EMA(WeightAveraging):
         half_life = self.half_life_steps if self.ramp is None else min(self.half_life_steps, self.ramp * num_averaged)
         return 0.5 ** (1.0 / max(half_life, 1e-8))
 
-    def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged) -> torch.Tensor:
-        beta = self.decay(int(num_averaged))
-        return averaged.lerp(current, 1.0 - beta) if averaged.is_floating_point() else current
+    def _average_all(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        """averaged <- beta averaged + (1 - beta) current, in place, one foreach kernel per device and dtype group."""
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay(int(num_averaged)))
+        else:  # integer buffers (counters) are copied
+            torch._foreach_copy_(averaged, current)
 
     def __repr__(self):
         return f"EMA(half_life_steps={self.half_life_steps}, ramp={self.ramp}, decay={self.fixed_decay})"
