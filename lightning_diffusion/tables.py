@@ -5,7 +5,8 @@ in it (`evaluate`'s {metrics, protocol}) one more, with the protocol's fields as
 `protocol.sampler.name`, `protocol.nfe`). Records are grouped by the row and column keys (dotted config paths;
 `_target_` values shortened to their last name) and the metric is reported as mean ± std over each group (the
 seeds). An experiment config's `paper.<metric>` (conf/experiment/) becomes a "paper" column beside ours.
-Writes <out>/<name>.md, .csv, .tex and .png (the metric per row, one series per column, error bars = std).
+Writes <out>/<name>.md, .csv, .tex and .png (the metric per row, one series per column, error bars = std), and
+with --wandb PROJECT logs the table and the plot as a W&B run.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 from .artifacts import atomic_write
 from .checkpoints import CONFIG_NAME
 from .sweep import read_metrics
+from .tracking import wandb_offline
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -97,6 +99,10 @@ def natural(text: str):
         return (1, 0.0, text)
 
 
+def text_rows(cells: dict, rows: list[str], cols: list[str]) -> list[list[str]]:
+    return [[cell_text(cells[(r, c)]) if (r, c) in cells else "-" for c in cols] for r in rows]
+
+
 def render(cells: dict, corner: str, fmt: str) -> str:
     """The table as 'markdown', 'csv' (mean, std, n columns per cell) or 'latex' (booktabs)."""
     rows, cols = grid(cells)
@@ -112,7 +118,7 @@ def render(cells: dict, corner: str, fmt: str) -> str:
                          if values else ["", "", 0])
             writer.writerow(line)
         return buffer.getvalue()
-    text = [[cell_text(cells[(r, c)]) if (r, c) in cells else "-" for c in cols] for r in rows]
+    text = text_rows(cells, rows, cols)
     if fmt == "markdown":
         lines = ["| " + " | ".join([corner, *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
         lines += ["| " + " | ".join([r, *t]) + " |" for r, t in zip(rows, text)]
@@ -157,14 +163,29 @@ def plot(cells: dict, corner: str, metric: str, path: Path) -> Path:
         plt.close(fig)
 
 
-def make_tables(roots, rows: list[str], cols: list[str], metric: str, out: Path, name: str) -> str:
-    """Write <out>/<name>.{md,csv,tex,png}; returns the Markdown."""
+def log_to_wandb(project: str, cells: dict, corner: str, name: str, png: Path) -> None:
+    """The table and its plot as one W&B run (offline by itself without a key or a network: `wandb sync` later)."""
+    import wandb
+
+    rows, cols = grid(cells)
+    run = wandb.init(project=project, name=f"table-{name}", job_type="tables", dir=str(png.parent),
+                     mode="offline" if wandb_offline() else "online")
+    table = wandb.Table(columns=[corner, *cols], data=[[r, *t] for r, t in zip(rows, text_rows(cells, rows, cols))])
+    run.log({name: table, f"{name}_plot": wandb.Image(str(png))})
+    run.finish()
+
+
+def make_tables(roots, rows: list[str], cols: list[str], metric: str, out: Path, name: str,
+                wandb_project: str | None = None) -> str:
+    """Write <out>/<name>.{md,csv,tex,png} (and log them to W&B if a project is given); returns the Markdown."""
     cells = summarize(collect(roots), rows, cols, metric)
     corner = ", ".join(k.removesuffix("._target_").rsplit(".", 1)[-1] for k in rows) or "run"
     for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
         text = render(cells, corner, fmt)
         atomic_write(out / f"{name}.{suffix}", lambda tmp, text=text: Path(tmp).write_text(text))
-    plot(cells, corner, metric, out / f"{name}.png")
+    png = plot(cells, corner, metric, out / f"{name}.png")
+    if wandb_project:
+        log_to_wandb(wandb_project, cells, corner, name, png)
     return render(cells, corner, "markdown")
 
 
@@ -176,9 +197,10 @@ def main(argv=None) -> None:
     parser.add_argument("--metric", required=True, help="e.g. final/classifier_accuracy, fid, bits_per_dim")
     parser.add_argument("--out", type=Path, default=Path("tables"), help="folder for .md/.csv/.tex/.png")
     parser.add_argument("--name", default=None, help="file name stem (default: the metric)")
+    parser.add_argument("--wandb", metavar="PROJECT", default=None, help="also log table and plot to this W&B project")
     args = parser.parse_args(argv)
     name = args.name or args.metric.replace("/", "_")
-    print(make_tables(args.runs, args.rows, args.cols, args.metric, args.out, name))
+    print(make_tables(args.runs, args.rows, args.cols, args.metric, args.out, name, args.wandb))
     print(f"wrote {args.out}/{name}.md, .csv, .tex, .png")
 
 

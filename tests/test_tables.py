@@ -83,6 +83,13 @@ def test_entry_point_writes_all_formats(runs, tmp_path, capsys):
     assert "| min_snr |" in capsys.readouterr().out
 
 
+def test_table_and_plot_go_to_wandb(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    make_tables([runs], ROWS, COLS, "final/classifier_accuracy", tmp_path / "out", "acc", wandb_project="tables-test")
+    (offline_run,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    assert any(p.suffix == ".wandb" for p in offline_run.iterdir())
+
+
 def test_bad_requests_name_what_exists(runs, tmp_path):
     with pytest.raises(ValueError, match=r"metric 'fid'.*final/classifier_accuracy"):
         make_tables([runs], ROWS, COLS, "fid", tmp_path, "x")
