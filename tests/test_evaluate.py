@@ -168,3 +168,20 @@ def test_ddp_evaluation_on_two_processes_equals_one(ddpm_run, tmp_path):
     assert saved["metrics"].keys() == single["metrics"].keys()
     for key, value in single["metrics"].items():
         assert saved["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-8), key
+
+
+def test_validation_likelihood_during_training_is_evaluates_number(tmp_path):
+    """callbacks=with_likelihood logs val_n<K>/bpd_pf_ode for a score-SDE run: the same number `evaluate` gives for
+    the checkpoint written at that step (EMA weights, same held-out images, seed and tolerances)."""
+    run_dir = tmp_path / "vp"
+    options = ["callbacks.likelihood.num_samples=4", "callbacks.likelihood.batch_size=2"]
+    metrics = train(compose_config(FAST + ["model=score_sde", "callbacks=with_likelihood", "trainer.max_steps=2",
+                                           "callbacks.likelihood.every_n_steps=2", *options,
+                                           "network.channels=8", "network.attn_resolutions=[]"], run_dir))
+    logged = metrics["val_n4/bpd_pf_ode"]
+    result = evaluate(compose_config(eval_overrides(run_dir / "checkpoints" / "last.ckpt", tmp_path, "metrics=[fid]",
+                                                    "num_samples=20", "sampler=euler", "sampler.steps=2",
+                                                    "likelihood.enabled=true", "likelihood.num_samples=4",
+                                                    "likelihood.batch_size=2", "likelihood.rtol=1e-3",
+                                                    "likelihood.atol=1e-3"), config_name="evaluate"))
+    assert 0 < logged < 50 and logged == pytest.approx(result["metrics"]["bpd_pf_ode"], rel=1e-6)

@@ -1,7 +1,8 @@
-"""In-training sample quality: every N steps, K samples with the EMA weights -> proxy FID / KID / IS, logged.
+"""In-training evaluation with the EMA weights: sample quality (proxy FID / KID / IS) and held-out bits/dim.
 
-K is a few thousand at most, so the numbers are biased proxies of the 50k-sample protocol: every key carries
-`proxy_n<K>/`, and a JSON with the full protocol is written beside them (<run_dir>/proxy_metrics/step<N>.json).
+K samples is a few thousand at most, so the sample-quality numbers are biased proxies of the 50k-sample protocol:
+every key carries `proxy_n<K>/`, and a JSON with the full protocol is written beside them
+(<run_dir>/proxy_metrics/step<N>.json). Bits/dim on K held-out images is logged as `val_n<K>/bpd_*`.
 """
 
 import functools
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from ..metrics.fidelity import (data_key, data_split, extract_features, fidelity_images, fidelity_metrics,
                                 load_extractor, protocol_record, reference_statistics, resolve_weights,
                                 save_metrics_json)
+from ..metrics.likelihood import likelihood_metrics
 from ..metrics.sharding import gather_shards, generate_shard
 
 SPLITS = ("train", "val")
@@ -122,4 +124,49 @@ class FidelityMetrics(L.Callback):
         rank_zero_info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
 
 
-__all__ = ["FidelityMetrics"]
+class ValidationLikelihood(L.Callback):
+    """Every `every_n_steps` steps, bits/dim of the EMA model on the first `num_samples` held-out images.
+
+    The PF-ODE NLL of uniformly dequantised data for continuous-time models (Song et al. 2021, app. D.2; Hutchinson
+    trace with `n_probes`, solver tolerances rtol / atol), DDPM's VLB for DDPM (Ho et al. 2020, eq. 5): the
+    estimators of `evaluate likelihood.enabled=true`, logged as `val_n<K>/bpd_pf_ode` (or `bpd_vlb`) with its SEM.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 200, batch_size: int = 100, seed: int = 0,
+                 levels: int | None = None, rtol: float = 1e-3, atol: float = 1e-3, n_probes: int = 1,
+                 t_min: float | None = None, split: str = "val"):
+        if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
+            raise ValueError(f"every_n_steps={every_n_steps!r}: need an int >= 1")
+        if not (isinstance(num_samples, int) and num_samples >= 2):
+            raise ValueError(f"num_samples={num_samples!r}: need an int >= 2")
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: accepted {list(SPLITS)}")
+        self.every_n_steps, self.num_samples = every_n_steps, num_samples
+        self.options = OmegaConf.create({"likelihood": {
+            "split": split, "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "levels": levels,
+            "rtol": rtol, "atol": atol, "n_probes": n_probes, "t_min": t_min}})
+        self.metrics: dict = {}
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        x = data_split(trainer.datamodule, self.options.likelihood.split, self.num_samples)
+        model, _ = FidelityMetrics.ema_model(trainer, pl_module)
+        was_training = model.training
+        model.eval()
+        try:
+            metrics, _ = likelihood_metrics(model, x, self.options, trainer.global_rank, trainer.world_size,
+                                            pl_module.all_gather if trainer.world_size > 1 else None)
+        finally:
+            model.train(was_training)
+        self.metrics = {f"val_n{len(x)}/{k}": v for k, v in metrics.items()}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.metrics, step=step)
+            rank_zero_info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
+
+
+__all__ = ["FidelityMetrics", "ValidationLikelihood"]
