@@ -11,6 +11,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -107,6 +108,17 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer():
     expected = torch.autograd.grad(rec, last, retain_graph=True)[0].norm() / (
         torch.autograd.grad(g_loss, last, retain_graph=True)[0].norm() + 1e-4)
     torch.testing.assert_close(model.adaptive_weight(rec, g_loss), expected)
+
+
+def test_autoencoder_trains_with_its_discriminator_from_disc_start(tmp_path):
+    """experiment=autoencoder with LDM's patch discriminator: the adversarial terms appear from disc_start on."""
+    disc = "{_target_: lightning_diffusion.autoencoders.PatchDiscriminator, in_channels: ${data_meta.channels}}"
+    train(compose_config(AE_FAST + [f"model.discriminator={disc}", "model.disc_start=2", "trainer.log_every_n_steps=1"],
+                         tmp_path))
+    log = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    steps = log.dropna(subset=["train/d_loss"])["step"]
+    assert sorted(steps) == [2, 3] and log["train/adaptive_weight"].dropna().gt(0).all()
+    assert (tmp_path / "reconstructions").is_dir() and "val/psnr" in log
 
 
 def test_bad_autoencoder_arguments_are_refused():
