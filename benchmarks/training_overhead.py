@@ -255,7 +255,7 @@ def micro_profile(family: str, reps: int) -> list[list]:
     from lightning_diffusion.callbacks import EMA
     from torch.optim.swa_utils import AveragedModel
     ema = EMA()
-    averaged = AveragedModel(model, avg_fn=ema._average, use_buffers=True)
+    averaged = AveragedModel(model, multi_avg_fn=ema._average_all, use_buffers=True)
     params = list(model.parameters())
     shadow = [p.detach().clone() for p in params]
     x = torch.randn(128, 1, 8, 8)
