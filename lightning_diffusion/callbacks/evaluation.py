@@ -5,6 +5,7 @@ every key carries `proxy_n<K>/`, and a JSON with the full protocol is written be
 (<run_dir>/proxy_metrics/step<N>.json). Bits/dim on K held-out images is logged as `val_n<K>/bpd_*`.
 """
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,49 @@ from ..metrics.sharding import gather_shards, generate_shard
 SPLITS = ("train", "val")
 
 
-class FidelityMetrics(L.Callback):
+class PeriodicEvaluation(L.Callback):
+    """Evaluates the EMA model every `every_n_steps` optimizer steps, on `num_samples` samples or images."""
+
+    def __init__(self, every_n_steps: int, num_samples: int, split: str):
+        if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
+            raise ValueError(f"every_n_steps={every_n_steps!r}: need an int >= 1")
+        if not (isinstance(num_samples, int) and num_samples >= 2):
+            raise ValueError(f"num_samples={num_samples!r}: need an int >= 2")
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: accepted {list(SPLITS)}")
+        self.every_n_steps, self.num_samples = every_n_steps, num_samples
+        self.metrics: dict = {}  # the last logged values (train.py returns them)
+        self._last_step = -1
+
+    def due(self, trainer) -> bool:
+        """Whether this step is an evaluation step (once per step: the hook also fires per accumulated batch)."""
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_step:
+            return False
+        self._last_step = step
+        return True
+
+    @staticmethod
+    def ema_model(trainer, pl_module):
+        """(the module holding the EMA weights, True), or (pl_module, False) without a WeightAveraging callback."""
+        for callback in trainer.callbacks:
+            average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+            if average is not None:
+                return average.module, True
+        return pl_module, False
+
+    @staticmethod
+    @contextlib.contextmanager
+    def in_eval_mode(model):
+        was_training = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was_training)
+
+
+class FidelityMetrics(PeriodicEvaluation):
     """Every `every_n_steps` optimizer steps, `num_samples` EMA samples scored by torch-fidelity against the train data.
 
     Args:
@@ -38,24 +81,17 @@ class FidelityMetrics(L.Callback):
                  sampler: Callable | None = None, steps: int | None = None, guidance_scale: float | None = None,
                  seed: int = 0, batch_size: int = 500, reference_split: str = "train",
                  reference_max_samples: int | None = None, cache_dir: str | None = None, fidelity: dict | None = None):
-        if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
-            raise ValueError(f"every_n_steps={every_n_steps!r}: need an int >= 1")
-        if not (isinstance(num_samples, int) and num_samples >= 2):
-            raise ValueError(f"num_samples={num_samples!r}: need an int >= 2")
-        if reference_split not in SPLITS:
-            raise ValueError(f"reference_split={reference_split!r}: accepted {list(SPLITS)}")
+        super().__init__(every_n_steps, num_samples, reference_split)
         if steps is not None and not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"steps={steps!r}: need an int >= 1, or null for the sampler's own")
         # weights checked now, not after the first N training steps
         self.weights_path = resolve_weights(feature_extractor, feature_extractor_weights_path)
-        self.every_n_steps, self.num_samples, self.metric_names = every_n_steps, num_samples, tuple(metrics)
+        self.metric_names = tuple(metrics)
         self.feature_extractor, self.sampler, self.steps = feature_extractor, sampler, steps
         self.guidance_scale, self.seed, self.batch_size = guidance_scale, seed, batch_size
         self.reference_split, self.reference_max_samples = reference_split, reference_max_samples
         self.cache_dir, self.fidelity = cache_dir, dict(fidelity or {})
         self.extractor = self.reference = None
-        self.metrics: dict = {}  # the last logged values (train.py returns them)
-        self._last_step = -1
 
     @property
     def prefix(self) -> str:
@@ -64,15 +100,6 @@ class FidelityMetrics(L.Callback):
     def _sampler(self, pl_module) -> Callable:
         sampler = self.sampler or pl_module.sampler
         return functools.partial(sampler, steps=self.steps) if self.steps else sampler
-
-    @staticmethod
-    def ema_model(trainer, pl_module):
-        """(the module holding the EMA weights, True), or (pl_module, False) without a WeightAveraging callback."""
-        for callback in trainer.callbacks:
-            average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
-            if average is not None:
-                return average.module, True
-        return pl_module, False
 
     def _setup_reference(self, trainer, pl_module) -> None:
         self.extractor = load_extractor(self.feature_extractor, self.weights_path, self.metric_names,
@@ -89,21 +116,16 @@ class FidelityMetrics(L.Callback):
                                               self.cache_dir, self.reference_max_samples)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step:
+        if not self.due(trainer):
             return
-        self._last_step = step
+        step = trainer.global_step
         model, ema = self.ema_model(trainer, pl_module)
-        was_training = model.training
-        model.eval()
-        try:
+        with self.in_eval_mode(model):
             world, rank = trainer.world_size, trainer.global_rank
             index, x, nfe = generate_shard(model, self.num_samples, self.seed, self.batch_size, rank, world,
                                            self._sampler(pl_module), self.guidance_scale)
             images = gather_shards(index, fidelity_images(x), pl_module.all_gather if world > 1 else None,
                                    self.num_samples, self.batch_size, world)
-        finally:
-            model.train(was_training)
         if not trainer.is_global_zero:
             return
         if self.reference is None:
@@ -124,7 +146,7 @@ class FidelityMetrics(L.Callback):
         rank_zero_info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
 
 
-class ValidationLikelihood(L.Callback):
+class ValidationLikelihood(PeriodicEvaluation):
     """Every `every_n_steps` steps, bits/dim of the EMA model on the first `num_samples` held-out images.
 
     The PF-ODE NLL of uniformly dequantised data for continuous-time models (Song et al. 2021, app. D.2; Hutchinson
@@ -135,38 +157,24 @@ class ValidationLikelihood(L.Callback):
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 200, batch_size: int = 100, seed: int = 0,
                  levels: int | None = None, rtol: float = 1e-3, atol: float = 1e-3, n_probes: int = 1,
                  t_min: float | None = None, split: str = "val"):
-        if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
-            raise ValueError(f"every_n_steps={every_n_steps!r}: need an int >= 1")
-        if not (isinstance(num_samples, int) and num_samples >= 2):
-            raise ValueError(f"num_samples={num_samples!r}: need an int >= 2")
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r}: accepted {list(SPLITS)}")
-        self.every_n_steps, self.num_samples = every_n_steps, num_samples
+        super().__init__(every_n_steps, num_samples, split)
         self.options = OmegaConf.create({"likelihood": {
             "split": split, "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "levels": levels,
             "rtol": rtol, "atol": atol, "n_probes": n_probes, "t_min": t_min}})
-        self.metrics: dict = {}
-        self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step:
+        if not self.due(trainer):
             return
-        self._last_step = step
         x = data_split(trainer.datamodule, self.options.likelihood.split, self.num_samples)
-        model, _ = FidelityMetrics.ema_model(trainer, pl_module)
-        was_training = model.training
-        model.eval()
-        try:
+        model, _ = self.ema_model(trainer, pl_module)
+        with self.in_eval_mode(model):
             metrics, _ = likelihood_metrics(model, x, self.options, trainer.global_rank, trainer.world_size,
                                             pl_module.all_gather if trainer.world_size > 1 else None)
-        finally:
-            model.train(was_training)
         self.metrics = {f"val_n{len(x)}/{k}": v for k, v in metrics.items()}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(self.metrics, step=step)
-            rank_zero_info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
+                logger.log_metrics(self.metrics, step=trainer.global_step)
+            rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
 
 
 __all__ = ["FidelityMetrics", "ValidationLikelihood"]
