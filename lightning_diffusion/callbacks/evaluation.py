@@ -27,13 +27,13 @@ SPLITS = ("train", "val")
 class PeriodicEvaluation(L.Callback):
     """Evaluates the EMA model every `every_n_steps` optimizer steps, on `num_samples` samples or images."""
 
-    def __init__(self, every_n_steps: int, num_samples: int, split: str):
+    def __init__(self, every_n_steps: int, num_samples: int, split: str, split_key: str = "split"):
         if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
             raise ValueError(f"every_n_steps={every_n_steps!r}: need an int >= 1")
         if not (isinstance(num_samples, int) and num_samples >= 2):
             raise ValueError(f"num_samples={num_samples!r}: need an int >= 2")
         if split not in SPLITS:
-            raise ValueError(f"split={split!r}: accepted {list(SPLITS)}")
+            raise ValueError(f"{split_key}={split!r}: accepted {list(SPLITS)}")
         self.every_n_steps, self.num_samples = every_n_steps, num_samples
         self.metrics: dict = {}  # the last logged values (train.py returns them)
         self._last_step = -1
@@ -81,7 +81,7 @@ class FidelityMetrics(PeriodicEvaluation):
                  sampler: Callable | None = None, steps: int | None = None, guidance_scale: float | None = None,
                  seed: int = 0, batch_size: int = 500, reference_split: str = "train",
                  reference_max_samples: int | None = None, cache_dir: str | None = None, fidelity: dict | None = None):
-        super().__init__(every_n_steps, num_samples, reference_split)
+        super().__init__(every_n_steps, num_samples, reference_split, "reference_split")
         if steps is not None and not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"steps={steps!r}: need an int >= 1, or null for the sampler's own")
         # weights checked now, not after the first N training steps
