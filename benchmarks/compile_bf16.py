@@ -6,8 +6,8 @@ The network is the main job's unet_tiny on 8x8 digits. Training: the hand-writte
 training_overhead.py (batch 128; forward, backward, clipping, Adam, EMA), and our LightningModule under the
 Trainer with precision=32-true vs bf16-mixed. Sampling: one guided network call on 100 samples (batch 200,
 no_grad), which is what a sampler step costs. Ratios are to eager float32 in the same run (interleaved,
-medians); compile time (the first calls) is reported on its own. torch.compile rows need --compile: on a
-2-core shared CPU inductor's C++ compilation of the training step ran past 6 minutes, so the default run
+medians); compile time (the first calls) is reported on its own. torch.compile rows need --compile: inductor's
+compilation adds about 2 minutes on a quiet 2-core CPU (far more when other jobs share it), so the default run
 leaves it out. On a GPU machine the same script measures the GPU (bf16 autocast on CUDA).
 """
 
