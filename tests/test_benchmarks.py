@@ -35,38 +35,22 @@ def test_quality_per_nfe_quick():
     assert "diffusers DPMSolverMultistep" in out and "ours <= peer?" in out
 
 
-@pytest.mark.slow
-def test_training_overhead_quick():
-    out = run_quick("training_overhead.py")
-    assert len(tables(out)) == 2 and "hand loop images/s" in out
+# script + flags -> (tables printed, strings its output must hold); the slow ones train or time real fits
+SLOW_QUICK_MODES = {
+    "training_overhead.py": (2, ["hand loop images/s"]),
+    "training_overhead.py --profile": (2, ["per-bin logging", "callback EMA"]),
+    "sampling_overhead.py": (2 if Path("/proc/self/clear_refs").exists() else 1, ["bare network calls ms"]),
+    "peak_memory.py": (1, ["main job"]),
+    "compile_bf16.py": (1, ["bf16-mixed"]),
+    "latent_cost.py": (1, ["digits16 | latents, cached", "digits | latents, cached"]),
+}
 
 
 @pytest.mark.slow
-def test_training_overhead_profile_quick():
-    out = run_quick("training_overhead.py", "--profile")
-    assert len(tables(out)) == 2 and "per-bin logging" in out and "callback EMA" in out
-
-
-@pytest.mark.slow
-def test_sampling_overhead_quick():
-    out = run_quick("sampling_overhead.py")
-    assert len(tables(out)) == (2 if Path("/proc/self/clear_refs").exists() else 1)
-    assert "bare network calls ms" in out
-
-
-@pytest.mark.slow
-def test_peak_memory_quick():
-    out = run_quick("peak_memory.py")
-    assert len(tables(out)) == 1 and "main job" in out
-
-
-@pytest.mark.slow
-def test_compile_bf16_quick():
-    out = run_quick("compile_bf16.py")
-    assert len(tables(out)) == 1 and "bf16-mixed" in out
-
-
-@pytest.mark.slow
-def test_latent_cost_quick():
-    out = run_quick("latent_cost.py")
-    assert len(tables(out)) == 1 and out.count("latents, cached") == 2
+@pytest.mark.parametrize("command", SLOW_QUICK_MODES)
+def test_quick_mode_prints_its_tables(command):
+    out = run_quick(*command.split())
+    n_tables, expected = SLOW_QUICK_MODES[command]
+    assert len(tables(out)) == n_tables
+    for text in expected:
+        assert text in out, text
