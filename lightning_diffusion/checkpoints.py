@@ -3,6 +3,7 @@
 import inspect
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -34,6 +35,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in path.parent.glob(f".{path.name}.*"):
             stale.unlink(missing_ok=True)
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with last.ckpt also written when training ends.
+
+    Lightning (2.6) writes last.ckpt at the end only when no last.ckpt was written during the run, so with
+    `every_n_train_steps` it held the weights of the last multiple of that, not the final ones.
+    """
+
+    def on_train_end(self, trainer, pl_module):
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def find_run_config(ckpt_path) -> Path:
