@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning as L
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # wandb agent's default
 RESUMABLE = ("preempting", "preempted")
@@ -244,36 +245,16 @@ def run_sweep(config, directory, count: int, overrides: list[str] = ()) -> list[
 
 
 class MarkPreempting(L.Callback):
-    """In a `wandb agent` trial, SIGUSR1/SIGTERM mark the W&B run preempting (W&B then hands its configuration
-    to another agent), before Lightning's own handler (checkpoint, requeue) runs. Does nothing outside a sweep."""
+    """In a `wandb agent` trial stopped by a signal (CheckpointOnSignal has then saved last.ckpt), mark the W&B run
+    preempting, so W&B hands its configuration to another agent. Does nothing outside a sweep."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self):
-        self.previous: dict = {}
-
-    def on_train_start(self, trainer, pl_module):
-        if not os.environ.get("WANDB_SWEEP_ID") or not trainer.is_global_zero:
+    def on_exception(self, trainer, pl_module, exception):
+        if not (isinstance(exception, SIGTERMException) and os.environ.get("WANDB_SWEEP_ID") and trainer.is_global_zero):
             return
-        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}  # Lightning's, installed when fit began
-        for s in self.SIGNALS:
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
         import wandb
 
         if wandb.run is not None:
             wandb.run.mark_preempting()
-        previous = self.previous.get(signum)
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL and signum == signal.SIGTERM:
-            raise SystemExit(128 + signum)
-
-    def teardown(self, trainer, pl_module, stage):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        self.previous = {}
 
 
 def main(argv: list[str] | None = None) -> int:

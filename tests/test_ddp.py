@@ -1,8 +1,11 @@
 """Hydra + Lightning DDP on two CPU processes (gloo): one run directory, one config, one W&B run; the global batch."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -61,3 +64,49 @@ def test_global_batch_two_processes_match_one(tmp_path):
     gap = ((smooth_one - smooth_two).abs() / smooth_one).max()
     print(f"largest relative gap of the 50-step running mean losses: {gap:.3f}")
     assert gap < 0.15, gap
+
+
+def rank_process(parent: int, rank: int) -> int | None:
+    """The pid of the child of `parent` that Lightning's launcher started as LOCAL_RANK=`rank`, if running yet."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True).stdout
+    for pid in map(int, children.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_run_resumes(tmp_path):
+    """SIGUSR1 to rank 1 only, at an arbitrary point of its step: the ranks agree on the step after it, save one
+    last.ckpt together and exit 128 + 10; the same command resumes it on two ranks. (Lightning's own handlers
+    save and barrier inside the signal handler: here, that pairs with rank 0's gradient all-reduce and hangs.)"""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("SLURM_JOB_ID", None)
+    command = [sys.executable, "-m", "lightning_diffusion.train", "data=moons", "network=mlp", "logger=csv",
+               "trainer.devices=2", "trainer.strategy=ddp", "trainer.limit_val_batches=0",
+               "trainer.enable_progress_bar=false", "callbacks.sample_grid=null", "callbacks.final_samples=null",
+               "callbacks.checkpoint.every_n_train_steps=20", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(command + ["trainer.max_steps=100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    rank1 = rank_process(proc.pid, 1)
+    assert rank1 is not None and proc.poll() is None, "no second rank running"
+    time.sleep(1.0)
+    os.kill(rank1, signal.SIGUSR1)
+    output = proc.communicate(timeout=120)[0]
+    stopped = re.findall(r"stopped by a signal at step (\d+)", output)
+    assert proc.returncode == 128 + signal.SIGUSR1 and stopped, output[-3000:]
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert step == int(stopped[0]) >= 20
+    resumed = subprocess.run(command + [f"trainer.max_steps={step + 5}"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {last}" in resumed.stdout + resumed.stderr
+    assert torch.load(last, weights_only=False)["global_step"] == step + 5

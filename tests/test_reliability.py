@@ -6,9 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
+import wandb
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers import FAST, compose_config
 from lightning_diffusion.train import ConfigError, build
@@ -53,6 +57,43 @@ def test_bad_nonfinite_policy_is_refused(tmp_path):
         build(compose_config(["data=moons", "network=mlp", "model.nonfinite=ignore"], tmp_path))
 
 
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    """max_steps 5 with a periodic save every 2 steps: last.ckpt is step 5, not the periodic step 4."""
+    datamodule, model, trainer = build(compose_config(TOY + ["trainer.max_steps=5", "callbacks.final_samples=null"],
+                                                      tmp_path))
+    trainer.fit(model, datamodule=datamodule)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+class SignalAtStep(L.Callback):
+    """Sends this process `signum` at the end of step `step` (before CheckpointOnSignal's check when first)."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_stops_after_its_step_with_a_checkpoint_and_marks_a_sweep_trial(tmp_path, monkeypatch, signum):
+    marked = []
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep")
+    monkeypatch.setattr(wandb, "run", SimpleNamespace(mark_preempting=lambda: marked.append(True)))
+    overrides = ["trainer.max_steps=50", "callbacks.final_samples=null",
+                 "+callbacks.preempt._target_=lightning_diffusion.sweep.MarkPreempting"]
+    datamodule, model, trainer = build(compose_config(TOY + overrides, tmp_path))
+    trainer.callbacks.insert(0, SignalAtStep(3, signum))
+    previous = signal.getsignal(signum)
+    with pytest.raises(SIGTERMException) as stopped:
+        trainer.fit(model, datamodule=datamodule)
+    assert stopped.value.code == 128 + signum
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert marked == [True]
+    assert signal.getsignal(signum) == previous  # the handlers are given back
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_leads_to_a_checkpoint_and_the_run_resumes(tmp_path, signum):
@@ -73,7 +114,7 @@ def test_signal_leads_to_a_checkpoint_and_the_run_resumes(tmp_path, signum):
     periodic_step = torch.load(last, weights_only=False)["global_step"]
     proc.send_signal(signum)
     output = proc.communicate(timeout=120)[0]
-    assert "stopped by a signal at step" in output, output[-2000:]
+    assert "stopped by a signal at step" in output and proc.returncode == 128 + signum, output[-2000:]
     stopped_at = torch.load(last, weights_only=False)["global_step"]
     assert stopped_at >= periodic_step > 0
     resumed = subprocess.run(args + [f"trainer.max_steps={stopped_at + 5}"], cwd=tmp_path, env=env,
