@@ -58,3 +58,19 @@ class SaveRankState(L.Callback):
     def on_fit_end(self, trainer, pl_module):
         torch.save({"weights": pl_module.state_dict(), "batch_size": trainer.datamodule.batch_size},
                     Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")
+
+
+class PoisonRankOne(L.Callback):
+    """For subprocess DDP runs (PYTHONPATH=tests): rank 1's network returns NaN in training step 3 only."""
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank != 1:
+            return
+        network = pl_module.denoiser.network
+        forward = network.forward
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            return out * float("nan") if torch.is_grad_enabled() and trainer.global_step == 3 else out
+
+        network.forward = poisoned

@@ -1,5 +1,6 @@
 """Hydra + Lightning DDP on two CPU processes (gloo): one run directory, one config, one W&B run; the global batch."""
 
+import contextlib
 import os
 import re
 import signal
@@ -81,32 +82,71 @@ def rank_process(parent: int, rank: int) -> int | None:
 
 def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_run_resumes(tmp_path):
     """SIGUSR1 to rank 1 only, at an arbitrary point of its step: the ranks agree on the step after it, save one
-    last.ckpt together and exit 128 + 10; the same command resumes it on two ranks. (Lightning's own handlers
+    last.ckpt together and exit 128 + 10; resumed on two ranks past the epoch's end, it ends bit-identical to an
+    uninterrupted run (weights, EMA, Adam state). (Lightning's own handlers
     save and barrier inside the signal handler: here, that pairs with rank 0's gradient all-reduce and hangs.)"""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    env.pop("SLURM_JOB_ID", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"PYTHONWARNINGS": "ignore",
+                                                                               "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "lightning_diffusion.train", "data=moons", "network=mlp", "logger=csv",
                "trainer.devices=2", "trainer.strategy=ddp", "trainer.limit_val_batches=0",
                "trainer.enable_progress_bar=false", "callbacks.sample_grid=null", "callbacks.final_samples=null",
-               "callbacks.checkpoint.every_n_train_steps=20", f"hydra.run.dir={run_dir}"]
+               "callbacks.checkpoint.every_n_train_steps=20", "trainer.deterministic=true", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(command + ["trainer.max_steps=100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    rank1 = rank_process(proc.pid, 1)
-    assert rank1 is not None and proc.poll() is None, "no second rank running"
-    time.sleep(1.0)
-    os.kill(rank1, signal.SIGUSR1)
-    output = proc.communicate(timeout=120)[0]
+    try:
+        deadline = time.monotonic() + 240
+        while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        rank1 = rank_process(proc.pid, 1)
+        assert rank1 is not None and proc.poll() is None, "no second rank running"
+        time.sleep(1.0)
+        os.kill(rank1, signal.SIGUSR1)
+        output = proc.communicate(timeout=120)[0]
+    finally:  # both ranks, also when the test fails (rank 1 is the launcher's child)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     stopped = re.findall(r"stopped by a signal at step (\d+)", output)
     assert proc.returncode == 128 + signal.SIGUSR1 and stopped, output[-3000:]
     step = torch.load(last, weights_only=False)["global_step"]
     assert step == int(stopped[0]) >= 20
-    resumed = subprocess.run(command + [f"trainer.max_steps={step + 5}"], cwd=tmp_path, env=env,
+    end = step + 40  # past the end of the epoch (36 steps)
+    resumed = subprocess.run(command + [f"trainer.max_steps={end}"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {last}" in resumed.stdout + resumed.stderr
-    assert torch.load(last, weights_only=False)["global_step"] == step + 5
+    straight = tmp_path / "straight"
+    done = subprocess.run(command[:-1] + [f"trainer.max_steps={end}", f"hydra.run.dir={straight}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # exact resume on two ranks: each rank's random stream is in the checkpoint, not re-derived from rank 0's
+    ours, theirs = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=False) for d in (run_dir, straight))
+    assert ours["global_step"] == theirs["global_step"] == end
+    for key in ("state_dict", "current_model_state"):
+        for name, value in theirs[key].items():
+            assert torch.equal(ours[key][name], value), (key, name)
+    for index, state in theirs["optimizer_states"][0]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(ours["optimizer_states"][0]["state"][index][name], value), (index, name)
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_on_both(tmp_path):
+    """model.nonfinite=skip under DDP: rank 1's loss is NaN in one step; both ranks skip that step together (a rank
+    that skipped alone would leave the other waiting in the gradient all-reduce) and the run finishes finite."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {
+        "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lightning_diffusion.train", "data=moons", "network=mlp", "logger=csv",
+               "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=8", "trainer.limit_val_batches=0",
+               "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.sample_grid=null",
+               "callbacks.final_samples=null", "model.nonfinite=skip",
+               "+callbacks.poison._target_=helpers.PoisonRankOne", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = pd.read_csv(run_dir / "csv" / "metrics.csv")["train/skipped_nonfinite_steps"].dropna()
+    assert skipped.max() == 1, skipped
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 8
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())

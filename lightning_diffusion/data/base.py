@@ -1,14 +1,14 @@
 """The contract every shared DataModule keeps: (x, y) batches, [-1, 1] images, seeded splits, data statistics.
 
 Caches are built in `prepare_data` (one process, no state assigned) and loaded in `setup` (every process).
-Splits are a seeded permutation, so every DDP rank computes the same one; Lightning's automatic
-DistributedSampler then shards the map-style train set. Unlabeled data yields y = 0 and has num_classes = 0.
+Splits are a seeded permutation, so every DDP rank computes the same one; each rank's loader then takes its
+shard through a DistributedSampler. Unlabeled data yields y = 0 and has num_classes = 0.
 """
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -87,12 +87,17 @@ class DiffusionDataModule(L.LightningDataModule):
         self.train_dataset = HFlip(train) if self.hflip else train
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        # stateful: Lightning checkpoints the position inside the epoch, so a resumed run sees the same batches.
-        # The shuffle has its own seeded generator, apart from the loader's (which draws the workers' base seed at
-        # every epoch): shared, a restored sampler state would be shifted by those draws and every epoch after a
-        # resume would be shuffled differently. Neither touches the global RNG of the training step. (torch's
-        # RandomSampler: Lightning swaps it for a shuffling DistributedSampler under DDP.)
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None
+        # Stateful: Lightning checkpoints the position inside the epoch, so a resumed run sees the same batches.
+        # One sampler for one process and for DDP (Lightning keeps a DistributedSampler it is given): this rank's
+        # shard of a permutation drawn from (seed, epoch) alone, apart from the loader's generator and the global
+        # RNG of the training step. Its epoch is set here, from the restored fit loop: Lightning creates a resumed
+        # run's iterator, fast-forwarded to the saved position, before it calls set_epoch, so a run resumed in
+        # epoch k >= 1 replayed epoch 0's order.
+        trainer = self.trainer
+        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
+                                     rank=trainer.global_rank if trainer else 0, shuffle=shuffle, seed=self.seed)
+        if shuffle and trainer is not None:
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
         return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                                   generator=torch.Generator().manual_seed(self.seed + 1), collate_fn=collate_pair,
                                   persistent_workers=self.num_workers > 0)

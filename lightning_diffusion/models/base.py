@@ -88,6 +88,7 @@ class DiffusionModel(L.LightningModule):
         self.logsnr_bins = torch.tensor(logsnr_bins, dtype=torch.float64)
         self.uncertainty, self.loss_fn = uncertainty, loss
         self.nonfinite, self.skipped_steps = nonfinite, 0
+        self._rank_stream_restored = False
         self.first_stage, self.latent_cache = first_stage, latent_cache
 
     def dry_run(self, shape: Sequence[int]) -> None:
@@ -127,9 +128,9 @@ class DiffusionModel(L.LightningModule):
         return self.first_stage.sample(x, generator) if self.latent_cache else self.first_stage.encode(x, generator)
 
     def on_train_start(self) -> None:
-        # every rank starts from the same seed (and a resumed run from rank 0's saved state): give each rank its own
-        # stream of noise, noise levels and label dropout, derived deterministically from the shared one
-        if self.trainer.world_size > 1:
+        # every rank starts from the same seed: give each rank its own stream of noise, noise levels and label
+        # dropout, derived deterministically from the shared one (a resumed run has its rank's own state back)
+        if self.trainer.world_size > 1 and not self._rank_stream_restored:
             torch.manual_seed(int(torch.randint(2**62, (1,))) + self.global_rank)
 
     def on_fit_start(self) -> None:
@@ -170,7 +171,9 @@ class DiffusionModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")
-        if torch.isfinite(loss):
+        if torch.isfinite(loss) or self.trainer.world_size > 1:
+            # under DDP a non-finite loss goes through backward: the all-reduced gradient is then non-finite on every
+            # rank and the gradient guard acts on all of them alike (a rank skipping alone would hang the others)
             return loss
         return self.on_nonfinite(f"loss {loss.detach().item()}")
 
@@ -198,14 +201,22 @@ class DiffusionModel(L.LightningModule):
         return self._step(batch, "val", g)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # the random stream of noise levels, noise and label dropout, so a resumed run draws what the original would
+        # the random stream of noise levels, noise and label dropout of every rank (every rank saves together), so
+        # a resumed run draws what the original would
         checkpoint["rng_state"] = torch.get_rng_state()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            checkpoint["rank_rng_states"] = self.all_gather(checkpoint["rng_state"].to(self.device)).cpu()
         if hasattr(self.noise_levels, "state_dict"):  # importance sampling's loss history
             checkpoint["noise_levels"] = self.noise_levels.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
+        states = checkpoint.get("rank_rng_states")
+        self._rank_stream_restored = states is not None and self._trainer is not None and \
+            len(states) == self.trainer.world_size
+        if self._rank_stream_restored:
+            torch.set_rng_state(states[self.global_rank].clone())  # its own storage: a row view segfaults
         if "noise_levels" in checkpoint:
             self.noise_levels.load_state_dict(checkpoint["noise_levels"])
 
