@@ -58,11 +58,17 @@ def test_bad_nonfinite_policy_is_refused(tmp_path):
 
 
 def test_last_checkpoint_holds_the_final_step(tmp_path):
-    """max_steps 5 with a periodic save every 2 steps: last.ckpt is step 5, not the periodic step 4."""
+    """max_steps 5 with a periodic save every 2 steps: last.ckpt is step 5, not the periodic step 4, and holds the
+    raw weights to train on (not the EMA's, which it holds as state_dict)."""
     datamodule, model, trainer = build(compose_config(TOY + ["trainer.max_steps=5", "callbacks.final_samples=null"],
                                                       tmp_path))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     trainer.fit(model, datamodule=datamodule)
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5
+    raw, ema = last["current_model_state"], last["state_dict"]
+    assert not all(torch.equal(raw[k], ema[k]) for k in raw)  # saved before the EMA was copied into the model
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # CheckpointOnSignal's handlers are gone
 
 
 class SignalAtStep(L.Callback):
@@ -76,12 +82,14 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_signal_stops_after_its_step_with_a_checkpoint_and_marks_a_sweep_trial(tmp_path, monkeypatch, signum):
+    """The signal at step 3, before any periodic save: last.ckpt is step 3, the exit code 128 + signal, the W&B sweep
+    run is marked preempting; resumed, the run goes on writing last.ckpt (not last-v1.ckpt) to its end."""
     marked = []
     monkeypatch.setenv("WANDB_SWEEP_ID", "sweep")
     monkeypatch.setattr(wandb, "run", SimpleNamespace(mark_preempting=lambda: marked.append(True)))
-    overrides = ["trainer.max_steps=50", "callbacks.final_samples=null",
+    overrides = ["trainer.max_steps=6", "callbacks.final_samples=null", "callbacks.checkpoint.every_n_train_steps=100",
                  "+callbacks.preempt._target_=lightning_diffusion.sweep.MarkPreempting"]
     datamodule, model, trainer = build(compose_config(TOY + overrides, tmp_path))
     trainer.callbacks.insert(0, SignalAtStep(3, signum))
@@ -89,9 +97,15 @@ def test_a_signal_stops_after_its_step_with_a_checkpoint_and_marks_a_sweep_trial
     with pytest.raises(SIGTERMException) as stopped:
         trainer.fit(model, datamodule=datamodule)
     assert stopped.value.code == 128 + signum
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
     assert marked == [True]
     assert signal.getsignal(signum) == previous  # the handlers are given back
+
+    datamodule, model, trainer = build(compose_config(TOY + overrides, tmp_path))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=last)
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
 
 
 @pytest.mark.slow

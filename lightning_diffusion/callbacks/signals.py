@@ -31,20 +31,30 @@ class CheckpointOnSignal(L.Callback):
 
     def __init__(self):
         self.received: int | None = None
-        self.previous: dict = {}
         self.requeue_signal: int | None = None
 
+    def on_fit_start(self, trainer, pl_module):
+        self.received = None
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._install(trainer)
+
     def on_train_start(self, trainer, pl_module):
-        # the environment Lightning chose (as its own signal connector reads it): set by trainer=slurm, or found by
+        self._install(trainer)
+
+    def _install(self, trainer) -> None:
+        """Replace Lightning's handlers, installed when fit began (it puts the previous ones back when fit ends)."""
+        # the environment Lightning chose, as its signal connector reads it: set by trainer=slurm, or found by
         # itself in a SLURM job, also with a single-device strategy (a sweep trial under `wandb agent`)
         environment = trainer._accelerator_connector.cluster_environment
         requeues = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
         self.requeue_signal = environment.requeue_signal if requeues else None
         signals = {signal.SIGTERM, self.requeue_signal or signal.SIGUSR1}
-        if not requeues and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
-            signals.discard(signal.SIGUSR1)
-        self.received = None
-        self.previous = {s: signal.signal(s, self._record) for s in signals}  # replaces Lightning's handlers
+        usr1 = signal.getsignal(signal.SIGUSR1)
+        if not requeues and usr1 not in (signal.SIG_DFL, signal.SIG_IGN, None, self._record):
+            signals.discard(signal.SIGUSR1)  # someone else's (submitit's)
+        for s in signals:
+            signal.signal(s, self._record)
 
     def _record(self, signum, _frame):
         self.received = self.received or signum
@@ -59,24 +69,24 @@ class CheckpointOnSignal(L.Callback):
         return tuple(agreed.tolist())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # inside a gradient accumulation window (the same batch_idx on every rank)
         decision, signum = self._agreed(trainer)
         if not decision:
             return
         callback = trainer.checkpoint_callback
         if callback is not None and callback.dirpath is not None:
             path = f"{callback.dirpath}/{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            callback.last_model_path = path  # so that, resumed, ModelCheckpoint keeps writing last.ckpt (not -v1)
             trainer.save_checkpoint(path)
             rank_zero_info(f"stopped by a signal at step {trainer.global_step}: saved {path}")
         else:
             rank_zero_warn(f"stopped by a signal at step {trainer.global_step}: no checkpoint directory, nothing saved")
-        if decision == REQUEUE and trainer.is_global_zero:
-            requeue_this_job()
+        if decision == REQUEUE:
+            if trainer.is_global_zero:
+                requeue_this_job()
+            trainer.strategy.barrier("requeue")  # no rank exits (srun --kill-on-bad-exit) before the requeue is sent
         raise SIGTERMException(128 + signum)
-
-    def teardown(self, trainer, pl_module, stage):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        self.previous = {}
 
 
 def requeue_this_job() -> None:
@@ -86,7 +96,11 @@ def requeue_this_job() -> None:
     if job is None:
         rank_zero_warn("not requeued: SLURM_JOB_ID is not set (not a SLURM job)")
         return
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        rank_zero_warn(f"`scontrol requeue {job}` could not run: {err}")
+        return
     if result.returncode == 0:
         rank_zero_info(f"requeued SLURM job {job}")
     else:
