@@ -1,5 +1,6 @@
 """Composing the project's Hydra configs in tests, as the command line would."""
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -74,3 +75,9 @@ class PoisonRankOne(L.Callback):
             return out * float("nan") if torch.is_grad_enabled() and trainer.global_step == 3 else out
 
         network.forward = poisoned
+
+
+def entry_point_env(**extra: str) -> dict:
+    """The environment of a subprocess run of an entry point: no SLURM_* variables (inside a SLURM job Lightning would
+    take the run for one of its tasks, and a signal would requeue the job), warnings quiet, plus `extra`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"PYTHONWARNINGS": "ignore"} | extra

@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import entry_point_env
+
 pytestmark = pytest.mark.slow
 
 
 def test_two_process_ddp_run_shares_one_run_directory(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    env.pop("SLURM_JOB_ID", None)
+    env = entry_point_env(WANDB_MODE="offline")
     command = [sys.executable, "-m", "lightning_diffusion.train", "data=moons", "network=mlp", "logger=wandb",
                "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=6", "trainer.val_check_interval=3",
                "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "callbacks.sample_grid.n=4",
@@ -37,8 +38,7 @@ def test_two_process_ddp_run_shares_one_run_directory(tmp_path):
 
 def fit(tmp_path, name, devices):
     run_dir = tmp_path / name
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    env.pop("SLURM_JOB_ID", None)
+    env = entry_point_env(PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "lightning_diffusion.train", "data=moons", "network=mlp", "logger=csv",
                "trainer.max_steps=300", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
                "trainer.enable_progress_bar=false", "callbacks.sample_grid=null", "callbacks.final_samples=null",
@@ -69,14 +69,14 @@ def test_global_batch_two_processes_match_one(tmp_path):
 
 def rank_process(parent: int, rank: int) -> int | None:
     """The pid of the child of `parent` that Lightning's launcher started as LOCAL_RANK=`rank`, if running yet."""
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True).stdout
-    for pid in map(int, children.split()):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            ppid = int(proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = proc.joinpath("environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
             continue
-        if f"LOCAL_RANK={rank}".encode() in environ:
-            return pid
+        if ppid == parent and f"LOCAL_RANK={rank}".encode() in environ:
+            return int(proc.name)
     return None
 
 
@@ -86,8 +86,7 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_run_resumes(tmp_pat
     uninterrupted run (weights, EMA, Adam state). (Lightning's own handlers
     save and barrier inside the signal handler: here, that pairs with rank 0's gradient all-reduce and hangs.)"""
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"PYTHONWARNINGS": "ignore",
-                                                                               "OMP_NUM_THREADS": "1"}
+    env = entry_point_env(OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "lightning_diffusion.train", "data=moons", "network=mlp", "logger=csv",
                "trainer.devices=2", "trainer.strategy=ddp", "trainer.limit_val_batches=0",
                "trainer.enable_progress_bar=false", "callbacks.sample_grid=null", "callbacks.final_samples=null",
@@ -135,8 +134,7 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_on_both(tmp_path):
     """model.nonfinite=skip under DDP: rank 1's loss is NaN in one step; both ranks skip that step together (a rank
     that skipped alone would leave the other waiting in the gradient all-reduce) and the run finishes finite."""
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {
-        "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    env = entry_point_env(PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "lightning_diffusion.train", "data=moons", "network=mlp", "logger=csv",
                "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=8", "trainer.limit_val_batches=0",
                "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.sample_grid=null",

@@ -1,7 +1,6 @@
 """The evaluate entry point and the in-training metrics callback on tiny digits runs (offline: digits-cnn)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch_fidelity
 
-from helpers import FAST, compose_config
+from helpers import FAST, compose_config, entry_point_env
 from lightning_diffusion.checkpoints import save_run_config
 from lightning_diffusion.data import DigitsDataModule
 from lightning_diffusion.evaluate import evaluate
@@ -157,8 +156,7 @@ def test_ddp_evaluation_on_two_processes_equals_one(ddpm_run, tmp_path):
                                "seeds=[3]", "likelihood.enabled=true", "likelihood.num_samples=5",
                                "likelihood.batch_size=2")
     single = evaluate(compose_config(overrides + [f"out_dir={tmp_path / 'one'}"], config_name="evaluate"))
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    env.pop("SLURM_JOB_ID", None)
+    env = entry_point_env(WANDB_MODE="offline", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "lightning_diffusion.evaluate", *overrides, "devices=2", "strategy=ddp",
                f"out_dir={tmp_path / 'two'}"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)

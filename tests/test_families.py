@@ -8,7 +8,6 @@
   model does not reach, and the pairs that cannot work are refused with a ValueError before any network evaluation.
 """
 
-import math
 import time
 
 import pytest

@@ -1,19 +1,19 @@
 """The README's main job, as a user runs it: default config, offline, CPU; its guided samples must be digits."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from helpers import entry_point_env
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def test_default_job_trains_a_conditional_ddpm_whose_samples_are_digits(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "", "PYTHONWARNINGS": "ignore"}
+    env = entry_point_env(WANDB_MODE="")
     env.pop("WANDB_API_KEY", None)  # no key: W&B must go offline by itself, never hang
-    env.pop("SLURM_JOB_ID", None)
     done = subprocess.run([sys.executable, "-m", "lightning_diffusion.train", "trainer.enable_progress_bar=false"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]

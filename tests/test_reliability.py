@@ -14,7 +14,7 @@ import torch
 import wandb
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from helpers import FAST, compose_config
+from helpers import FAST, compose_config, entry_point_env
 from lightning_diffusion.train import ConfigError, build
 
 TOY = FAST + ["data=moons", "network=mlp", "trainer.max_steps=6", "trainer.val_check_interval=6"]
@@ -116,8 +116,7 @@ def test_signal_leads_to_a_checkpoint_and_the_run_resumes(tmp_path, signum):
             "trainer.enable_progress_bar=false", "trainer.val_check_interval=100000", "trainer.limit_val_batches=0",
             "callbacks.checkpoint.every_n_train_steps=20", "callbacks.final_samples=null", "callbacks.sample_grid=null",
             f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("SLURM_JOB_ID", None)
+    env = entry_point_env()
     proc = subprocess.Popen(args + ["trainer.max_steps=100000"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -156,8 +155,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
             "trainer.enable_progress_bar=false", "trainer.deterministic=true", "trainer.limit_val_batches=0",
             "trainer.log_every_n_steps=1", f"callbacks.checkpoint.every_n_train_steps={every}",
             "callbacks.final_samples=null", "callbacks.sample_grid=null", "callbacks.ema.half_life_steps=5"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    env.pop("SLURM_JOB_ID", None)
+    env = entry_point_env(OMP_NUM_THREADS="1")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(args + [f"trainer.max_steps={steps}", f"hydra.run.dir={straight}"], env=env, check=True,
                    capture_output=True, timeout=600)

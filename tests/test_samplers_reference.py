@@ -158,7 +158,7 @@ def test_dpm_solver_pp_2m_matches_dpm_solver_multistep_scheduler(steps):
     sched = DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=linear_betas(T).numpy(),
                                         algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
     sched.set_timesteps(steps)
-    process, g, den = process_of(sched), gaussian(), scaled_oracle(gaussian())
+    process, den = process_of(sched), scaled_oracle(gaussian())
     sigmas = sched.sigmas.double()
     # its sigmas are our sigma~ at its (integer) timesteps
     assert torch.allclose(sigmas[:-1], S.sigmas_of_times(process, sched.timesteps.double() + 1), rtol=1e-5)

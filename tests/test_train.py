@@ -1,7 +1,6 @@
 """The Hydra entry points end to end: every config composes, a run leaves its run directory, resumes and samples EMA."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
