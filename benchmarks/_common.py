@@ -100,7 +100,7 @@ def compose(overrides: list[str], run_dir: str):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from lightning_diffusion.tracking import register_resolvers
+    from lightning_diffusion.lightning.tracking import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from _common import arguments, compose, header, interleaved, median, table, timed
-from lightning_diffusion.train import data_meta
+from lightning_diffusion.lightning.builder import data_meta
 from training_overhead import HandLoop, ddpm_loss, run_ours
 
 

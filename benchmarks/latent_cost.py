@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from _common import arguments, compose, header, interleaved, median, table
-from lightning_diffusion.train import build, train
+from lightning_diffusion.lightning.builder import build
+from lightning_diffusion.train import train
 from training_overhead import StepTimer, step_time
 
 
@@ -50,7 +51,7 @@ def main():
             ckpt = train_autoencoder(data, ae_steps, f"{ae_dirs}/{data}")
             base = quiet_fit(data, steps) + ["network=unet_tiny", "~callbacks.sample_grid", "~callbacks.final_samples",
                                              "~callbacks.checkpoint"]
-            latent = ["model=latent", f"model.first_stage.ckpt_path={ckpt}", f"network.attn_resolutions=[{attn // 2}]"]
+            latent = ["first_stage=autoencoder", f"first_stage.ckpt_path={ckpt}", f"network.attn_resolutions=[{attn // 2}]"]
             variants = {
                 "pixels": lambda: seconds_per_step(base + [f"network.attn_resolutions=[{attn}]"], steps, warmup),
                 "latents, encoded per batch": lambda: seconds_per_step(base + latent, steps, warmup),

@@ -43,7 +43,7 @@ def main():
         common = [sys.executable, "-m", "lightning_diffusion.train", "logger=csv", "trainer.enable_progress_bar=false",
                   f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps // 2}",
                   "trainer.limit_val_batches=1",
-                  f"model.sampler.steps={sampler_steps}", "ckpt_path=null"]
+                  f"grid.steps={sampler_steps}", "ckpt_path=null"]
         quick = ["callbacks.final_samples.n_per_class=2", "callbacks.final_samples.n_unconditional=8",
                  "callbacks.sample_grid.n=8"] if args.quick else []
         runs = [

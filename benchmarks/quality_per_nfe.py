@@ -12,13 +12,15 @@ A sampler whose step count cannot hit an NFE exactly uses the most steps within 
 
 import math
 
+from functools import partial
+
 import torch
 
 from _common import arguments, header, table
-from lightning_diffusion import samplers as S
-from lightning_diffusion.distances import energy_distance
-from lightning_diffusion.oracles import GaussianMixture
-from lightning_diffusion.processes import ddpm, linear_betas
+from lightning_diffusion.core import samplers as S
+from lightning_diffusion.core.distances import energy_distance
+from lightning_diffusion.core.oracles import GaussianMixture
+from lightning_diffusion.core.processes import ddpm, linear_betas
 
 T = 1000
 
@@ -33,31 +35,28 @@ def mixture() -> GaussianMixture:
 
 
 def ours(process):
-    """name -> (steps for an NFE budget, the generate() keyword arguments)."""
+    """name -> (steps for an NFE budget, sampler, grid(process, steps))."""
     sig = S.sigmas_of_times(process, torch.tensor([1.0, float(T)], dtype=torch.float64)).tolist()
-    karras = lambda p, n: S.karras_times(p, n, sigma_min=sig[0], sigma_max=sig[1])  # noqa: E731  diffusers' range
-    ode = lambda solver: dict(sampler=lambda *a, **k: S.pf_ode(*a, solver=solver, **k),  # noqa: E731
-                              discretisation=karras)
+    karras = partial(S.karras_times, sigma_min=sig[0], sigma_max=sig[1])  # diffusers' range
+    ode = lambda solver: partial(S.pf_ode, solver=solver)  # noqa: E731
     one = lambda nfe: nfe  # noqa: E731
     return {
-        "ancestral (strided)": (one, dict(sampler=S.ancestral, discretisation=S.strided_times)),
-        "ddim (strided)": (one, dict(sampler=S.ddim, discretisation=S.strided_times)),
-        "euler_maruyama (uniform)": (one, dict(sampler=S.euler_maruyama, discretisation=S.uniform_times)),
-        "predictor_corrector (uniform)": (lambda nfe: nfe // 2, dict(sampler=S.predictor_corrector,
-                                                                     discretisation=S.uniform_times)),
-        "pf_ode euler (karras)": (one, ode(S.euler)),
-        "pf_ode heun (karras)": (lambda nfe: (nfe + 1) // 2, ode(S.heun)),
-        "pf_ode heun (strided)": (lambda nfe: (nfe + 1) // 2, dict(ode(S.heun), discretisation=S.strided_times)),
-        "pf_ode dpm_solver_pp_2m (karras)": (one, ode(S.dpm_solver_pp_2m)),
-        "pf_ode dpm_solver_pp_2m (strided)": (one, dict(ode(S.dpm_solver_pp_2m), discretisation=S.strided_times)),
+        "ancestral (strided)": (one, S.ancestral, S.strided_times),
+        "ddim (strided)": (one, S.ddim, S.strided_times),
+        "euler_maruyama (uniform)": (one, S.euler_maruyama, S.uniform_times),
+        "predictor_corrector (uniform)": (lambda nfe: nfe // 2, S.predictor_corrector, S.uniform_times),
+        "pf_ode euler (karras)": (one, ode(S.euler), karras),
+        "pf_ode heun (karras)": (lambda nfe: (nfe + 1) // 2, ode(S.heun), karras),
+        "pf_ode heun (strided)": (lambda nfe: (nfe + 1) // 2, ode(S.heun), S.strided_times),
+        "pf_ode dpm_solver_pp_2m (karras)": (one, ode(S.dpm_solver_pp_2m), karras),
+        "pf_ode dpm_solver_pp_2m (strided)": (one, ode(S.dpm_solver_pp_2m), S.strided_times),
     }
 
 
 def run_ours(g, process, spec, nfe: int, n: int, seed: int):
-    steps_of, kwargs = spec
-    x, used = S.generate(denoiser=g.denoiser(process), process=process, shape=(n, 2), steps=steps_of(nfe),
-                         generator=torch.Generator().manual_seed(seed), **kwargs)
-    return x, used
+    steps_of, sampler, grid = spec
+    return S.generate(sampler, partial(grid, steps=steps_of(nfe)), g.denoiser(process), process, (n, 2),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 # ---- diffusers: its scheduler loop, the oracle as eps-prediction ---------------------------------------------------

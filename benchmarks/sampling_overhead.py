@@ -20,32 +20,33 @@ import re
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from _common import arguments, compose, header, interleaved, median, table, timed
-from lightning_diffusion import samplers as S
-from lightning_diffusion.train import build
+from lightning_diffusion.core import samplers as S
+from lightning_diffusion.lightning.builder import build
 
 HERE = Path(__file__).resolve().parent
 
 
 def sampler_specs(quick: bool) -> dict:
-    """name -> (family, steps, generate() keyword arguments); about 10 NFE each (2 in --quick)."""
+    """name -> (family, sampler, grid); about 10 NFE each (2 in --quick)."""
     n = 2 if quick else 10
-    ode = lambda solver: dict(sampler=lambda *a, **k: S.pf_ode(*a, solver=solver, **k),  # noqa: E731
-                              discretisation=S.karras_times)
+    ode = lambda solver: partial(S.pf_ode, solver=solver)  # noqa: E731
+    karras = lambda steps: partial(S.karras_times, steps=steps)  # noqa: E731
     return {
-        "ancestral (DDPM, strided)": ("ddpm", n, dict(sampler=S.ancestral, discretisation=S.strided_times)),
-        "ddim (DDPM, strided)": ("ddpm", n, dict(sampler=S.ddim, discretisation=S.strided_times)),
-        "euler_maruyama (DDPM, uniform)": ("ddpm", n, dict(sampler=S.euler_maruyama, discretisation=S.uniform_times)),
-        "predictor_corrector (DDPM, uniform)": ("ddpm", max(n // 2, 1), dict(sampler=S.predictor_corrector,
-                                                                          discretisation=S.uniform_times)),
-        "pf_ode heun (DDPM, karras)": ("ddpm", max(n // 2 + 1, 2), ode(S.heun)),
-        "pf_ode euler (EDM, karras)": ("edm", n, ode(S.euler)),
-        "pf_ode heun (EDM, karras)": ("edm", max(n // 2 + 1, 2), ode(S.heun)),
-        "pf_ode dpm_solver_pp_2m (EDM, karras)": ("edm", n, ode(S.dpm_solver_pp_2m)),
+        "ancestral (DDPM, strided)": ("ddpm", S.ancestral, partial(S.strided_times, steps=n)),
+        "ddim (DDPM, strided)": ("ddpm", S.ddim, partial(S.strided_times, steps=n)),
+        "euler_maruyama (DDPM, uniform)": ("ddpm", S.euler_maruyama, partial(S.uniform_times, steps=n)),
+        "predictor_corrector (DDPM, uniform)": ("ddpm", S.predictor_corrector,
+                                                partial(S.uniform_times, steps=max(n // 2, 1))),
+        "pf_ode heun (DDPM, karras)": ("ddpm", ode(S.heun), karras(max(n // 2 + 1, 2))),
+        "pf_ode euler (EDM, karras)": ("edm", ode(S.euler), karras(n)),
+        "pf_ode heun (EDM, karras)": ("edm", ode(S.heun), karras(max(n // 2 + 1, 2))),
+        "pf_ode dpm_solver_pp_2m (EDM, karras)": ("edm", ode(S.dpm_solver_pp_2m), karras(n)),
     }
 
 
@@ -59,12 +60,11 @@ def make_model(family: str):
 
 def sample_fn(model, spec, n: int):
     """A call drawing n guided samples with one sampler, as the main job's FinalSamples does."""
-    _, steps, kwargs = spec
+    _, sampler, grid = spec
     labels = torch.arange(n) % model.num_classes
 
     def draw():
-        sampler = lambda **k: S.generate(steps=steps, **kwargs, **k)  # noqa: E731
-        return model.generate(n, labels, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        return model.generate(n, labels, sampler=sampler, grid=grid, generator=torch.Generator().manual_seed(0))
 
     return draw
 

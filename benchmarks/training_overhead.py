@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from _common import arguments, compose, header, interleaved, median, table, timed
-from lightning_diffusion.train import build
+from lightning_diffusion.lightning.builder import build
 
 
 class StepTimer(L.Callback):
@@ -89,8 +89,8 @@ def profiled_ours(family: str, steps: int, warmup: int) -> dict[str, float]:
 
     def instrument(model):
         model.log = watch.wrap("self.log calls, all (nested: part of training_step)", model.log)
-        model.log_loss_per_logsnr_bin = watch.wrap("per-bin logging: masks + its self.log calls (nested)",
-                                                   model.log_loss_per_logsnr_bin)
+        model.log_dict = watch.wrap("per-bin logging: its self.log_dict call (nested)", model.log_dict)
+        model.bins.sums_and_counts = watch.wrap("per-bin logging: sums and counts (nested)", model.bins.sums_and_counts)
         model.draw_noise_levels = watch.wrap("noise-level draw (nested)", model.draw_noise_levels)
         model.training_step = watch.wrap("training_step (forward: loss + logging)", model.training_step)
         model.backward = watch.wrap("backward", model.backward)
@@ -164,7 +164,7 @@ class HandLoop:
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         self.sched.step()
-        # EMA with the half-life ramped from step 0, as lightning_diffusion.callbacks.EMA
+        # EMA with the half-life ramped from step 0, as lightning_diffusion.lightning.callbacks.EMA
         decay = 0.5 ** (1.0 / max(min(self.half_life, self.ramp * self.n), 1e-8))
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
@@ -252,7 +252,7 @@ def micro_profile(family: str, reps: int) -> list[list]:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose(overrides(family, 1), run_dir)
         datamodule, model, trainer = build(cfg)
-    from lightning_diffusion.callbacks import EMA
+    from lightning_diffusion.lightning.callbacks import EMA
     from torch.optim.swa_utils import AveragedModel
     ema = EMA()
     averaged = AveragedModel(model, multi_avg_fn=ema._average_all, use_buffers=True)
@@ -262,14 +262,8 @@ def micro_profile(family: str, reps: int) -> list[list]:
     t = model.draw_noise_levels(128)
     noise = torch.randn_like(x)
     loss, logsnr = model.loss(x, None, t, noise)
-    edges = model.logsnr_bins
-
-    def per_bin_masks():  # the tensor work of log_loss_per_logsnr_bin without the self.log calls
-        idx = torch.bucketize(logsnr.detach(), edges.to(logsnr.dtype))
-        for i in range(len(edges) + 1):
-            mask = idx == i
-            if mask.any():
-                loss[mask].mean()
+    def per_bin_masks():  # the tensor work of the per-bin logging, without its self.log_dict call
+        model.bins.means(model.bins.names, *model.bins.sums_and_counts(loss.detach(), logsnr.detach()), "loss")
 
     def grad_check():
         torch.isfinite(torch.stack([p.norm() for p in params]).sum())
@@ -278,13 +272,13 @@ def micro_profile(family: str, reps: int) -> list[list]:
         "EMA: AveragedModel.update_parameters (Lightning WeightAveraging)": lambda: averaged.update_parameters(model),
         "EMA: torch._foreach_lerp_ (hand loop)":
             lambda: torch._foreach_lerp_(shadow, [p.detach() for p in params], 0.01),
-        "per-bin loss masks (tensor work only)": per_bin_masks,
+        "per-bin loss sums and counts (tensor work only)": per_bin_masks,
         "gradient finiteness check (norm per parameter)": grad_check,
         "noise levels: stratified_draws + inverse CDF": lambda: model.draw_noise_levels(128),
         "float64 x_t coefficients + loss (model.loss, network excluded)": None,
     }
-    from lightning_diffusion.noise_levels import log_normal
-    from lightning_diffusion.processes import EDMProcess
+    from lightning_diffusion.core.noise_levels import log_normal
+    from lightning_diffusion.core.processes import EDMProcess
     edm, u = EDMProcess(), torch.rand(128, dtype=torch.float64)
     pieces["EDM noise levels: log_normal via 64-step bisection t_of_logsnr"] = lambda: log_normal(u, edm)
     pieces["EDM noise levels: closed form sigma = exp(P_mean + P_std z)"] = \
@@ -311,7 +305,7 @@ def main():
         cfg = compose(overrides("ddpm", steps), run_dir)
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
-        from lightning_diffusion.train import data_meta
+        from lightning_diffusion.lightning.builder import data_meta
         from omegaconf import open_dict
         with open_dict(cfg):
             cfg.data_meta = data_meta(datamodule.shape, datamodule.num_classes)

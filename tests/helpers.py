@@ -1,5 +1,6 @@
 """Composing the project's Hydra configs in tests, as the command line would."""
 
+import math
 import os
 from pathlib import Path
 
@@ -10,11 +11,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from lightning_diffusion.tracking import register_resolvers
+from lightning_diffusion.lightning.tracking import register_resolvers
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-# the diffusion families: conf/model/ also has the autoencoder and latent (a family on an autoencoder's latents)
-FAMILIES = sorted(p.stem for p in (CONF / "model" / "family").glob("*.yaml"))
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+CONF = ROOT / "conf"
+# the diffusion families: conf/model/ also has the autoencoder (latent diffusion's first stage) and _base (shared)
+FAMILIES = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem not in ("_base", "autoencoder"))
 
 register_resolvers()
 
@@ -35,6 +38,11 @@ FAST = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.max_steps=4"
         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.sample_grid.n=4",
         "callbacks.final_samples.n_per_class=1", "callbacks.final_samples.n_unconditional=8",
         "callbacks.checkpoint.every_n_train_steps=2"]
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """||a - b|| over the floating-point entries of two state dicts, in float64."""
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a if a[k].is_floating_point()))
 
 
 class FixedOutput(nn.Module):

@@ -1,0 +1,71 @@
+"""Drawing samples: the prior at a grid's first time, a sampler over the grid, the NFE counted from outside.
+
+`generate(sampler, grid, denoiser, process, shape)` is the one call every caller makes (the training module, `sample`,
+`evaluate`, benchmarks): the sampler and the grid are independent choices, so any sampler runs on any grid. NFE is
+the number of denoiser calls (`CountingDenoiser`); a guided denoiser from `classifier_free_guidance` is one call, one
+batched network evaluation.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoised, split
+from ..processes import Process
+from .common import DenoiserFn
+
+
+class CountingDenoiser:
+    """Wraps any denoiser and counts its calls in `.nfe`; `on_call(nfe)` (if given) hears of each one."""
+
+    def __init__(self, denoiser: Callable, on_call: Callable[[int], None] | None = None):
+        self.denoiser, self.on_call = denoiser, on_call
+        self.nfe = 0
+
+    def __call__(self, *args, **kwargs):
+        out = self.denoiser(*args, **kwargs)
+        self.nfe += 1
+        if self.on_call is not None:
+            self.on_call(self.nfe)
+        return out
+
+
+def classifier_free_guidance(denoiser: Callable, labels: Tensor, scale: float, null_label: int) -> DenoiserFn:
+    """D = D_u + w (D_c - D_u), both halves in one batched call of denoiser(x, t, labels) (Ho & Salimans 2022, eq. 6).
+
+    w = 1 + Ho & Salimans' w; D is affine in eps at fixed x, so guiding D equals guiding eps. w = 0 is the
+    unconditional denoiser, w = 1 the conditional one. Learned variances come from the conditional half.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def guided(x: Tensor, t: Tensor):
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},) to match x, got {tuple(labels.shape)}")
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        y = labels.to(x.device)
+        # conditional and unconditional halves in one network evaluation
+        both, v = split(denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)])))
+        d_c, d_u = both.chunk(2)
+        guided_d = d_u + scale * (d_c - d_u)
+        return guided_d if v is None else Denoised(guided_d, v.chunk(2)[0])
+
+    return guided
+
+
+def generate(sampler: Callable, grid: Callable, denoiser: DenoiserFn, process: Process, shape,
+             generator: torch.Generator | None = None, device=None, dtype: torch.dtype = torch.float64,
+             on_call: Callable[[int], None] | None = None) -> tuple[Tensor, int]:
+    """Samples and NFE: x ~ N(0, (alpha^2 + sigma^2) I) at t_0 of `grid(process)`, then `sampler` over the grid.
+
+    The prior is the marginal of unit-variance data at the grid's first time (process.prior_sample at t_max).
+    Sampling runs in `dtype` (float64 by default, as EDM); the denoiser casts to its network's dtype. `on_call(nfe)`
+    is called after every denoiser evaluation (progress reporting stays with the caller).
+    """
+    times = grid(process)
+    t0 = torch.as_tensor(times, dtype=torch.float64)[:1]
+    std = float((process.alpha(t0) ** 2 + process.sigma(t0) ** 2).sqrt())
+    x = std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    counted = CountingDenoiser(denoiser, on_call)
+    x = sampler(counted, process, x, times, generator=generator)
+    return x, counted.nfe

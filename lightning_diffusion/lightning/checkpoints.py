@@ -1,0 +1,142 @@
+"""Checkpoints and run directories: writing them atomically, finding and checking them, and reading a trained model
+(or a frozen first stage, or a post-hoc EMA) back from a checkpoint plus the resolved config.yaml of its run."""
+
+import shutil
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from ..core.power_ema import load_snapshots, reconstruct
+from ..networks.first_stage import FirstStage
+from .artifacts import atomic_write
+
+CONFIG_NAME = "config.yaml"
+
+
+def save_run_config(cfg: DictConfig, run_dir) -> Path:
+    """Write the fully resolved config to <run_dir>/config.yaml (what `load_model` and `tables` read back)."""
+    path = Path(run_dir) / CONFIG_NAME
+    return atomic_write(path, lambda tmp: OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), tmp))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, written to a temporary file beside the target and renamed over it (os.replace).
+
+    Lightning's own save stages the file in the system temp folder and moves it: where that folder is on another
+    filesystem than the run (node-local /tmp, a shared run folder: most clusters) the move is a copy, and a kill
+    during it leaves a truncated last.ckpt. Temporary files of saves killed earlier are removed first.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # object storage: Lightning's transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        for stale in path.parent.glob(f".{path.name}.*"):
+            stale.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def find_run_config(ckpt_path) -> Path:
+    """The config.yaml of the run a checkpoint belongs to (<run_dir>/checkpoints/x.ckpt -> <run_dir>/config.yaml)."""
+    ckpt_path = Path(ckpt_path)
+    for folder in (ckpt_path.parent, ckpt_path.parent.parent):
+        if (folder / CONFIG_NAME).is_file():
+            return folder / CONFIG_NAME
+    raise FileNotFoundError(f"no {CONFIG_NAME} next to or above {ckpt_path}: a checkpoint is read together with the "
+                            "resolved config its training run wrote to its run directory")
+
+
+def check_checkpoint(ckpt_path) -> None:
+    """Refuse a truncated, corrupt or foreign file before training resumes from it, naming the file and the fault."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {ckpt_path} cannot be read (truncated or corrupt?): {err}") from err
+    missing = [k for k in ("state_dict", "global_step", "loops", "optimizer_states") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"{ckpt_path} is not a lightning_diffusion training checkpoint: it has no {missing}")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """'last' -> the newest checkpoint of the run, if any (a requeued job resumes); else a path, or None."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":  # the newest of last.ckpt and Lightning's SLURM-requeue hpc_ckpt_*.ckpt
+        found = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
+        if not found:
+            return None
+        ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
+    elif not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (use ckpt_path=last to resume from "
+                                f"{run_dir}/checkpoints/last.ckpt when present, or ckpt_path=null to start fresh)")
+    check_checkpoint(ckpt_path)
+    return ckpt_path
+
+
+def load_model(ckpt_path, device: str = "cpu"):
+    """(model with the checkpoint's weights (the EMA weights when EMA was on), resolved run config)."""
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
+    cfg = OmegaConf.load(find_run_config(ckpt_path))
+    extra = {"first_stage": instantiate(cfg.first_stage)} if cfg.get("first_stage") else {}
+    model = instantiate(cfg.model, network=instantiate(cfg.network), **extra)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = checkpoint["state_dict"]
+    except Exception as err:  # a truncated file, or not a Lightning checkpoint at all
+        raise ValueError(f"{ckpt_path} is not a readable lightning_diffusion checkpoint ({err})") from err
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_path} does not match the model in {find_run_config(ckpt_path)}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval(), cfg
+
+
+TRAIN_ONE = "train one with `python -m lightning_diffusion.train experiment=autoencoder`"
+
+
+def load_first_stage(ckpt_path: str) -> FirstStage:
+    """The autoencoder (its EMA weights, when EMA was on) and latent scale from a checkpoint of its training run."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"first-stage checkpoint {ckpt_path} does not exist: {TRAIN_ONE} and give its "
+                                "checkpoints/last.ckpt as first_stage.ckpt_path")
+    cfg = OmegaConf.load(find_run_config(path))
+    if not str(cfg.model.get("_target_", "")).endswith("AutoencoderModel"):
+        raise ValueError(f"{ckpt_path} is a checkpoint of {cfg.model.get('_target_')}, not of an autoencoder: "
+                         f"{TRAIN_ONE}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint.get("latent_scale") is None:
+        raise ValueError(f"{ckpt_path} has no latent_scale (the autoencoder's run saved it before its first "
+                         "validation, or had val_fraction=0): validate it once, e.g. resume it for a few steps")
+    autoencoder = instantiate(cfg.network)
+    prefix = "network."
+    autoencoder.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
+                                 if k.startswith(prefix)})
+    return FirstStage(autoencoder, checkpoint["latent_scale"])
+
+
+def export_posthoc_ema(run_dir, sigma_rel: float, out=None, t: int | None = None,
+                       snapshot_dir=None) -> tuple[Path, dict]:
+    """Reconstruct the EMA with length sigma_rel from <run_dir>/posthoc_ema/ and write it as a checkpoint whose
+    `state_dict` `load_model` reads (default <run_dir>/checkpoints/posthoc_ema-sigma_rel=<s>.ckpt).
+
+    Returns (checkpoint path, summary: sigma_rel, gamma, t, number of snapshots, coefficients, profile-fit error).
+    """
+    run_dir = Path(run_dir)
+    snapshots = load_snapshots(snapshot_dir or run_dir / "posthoc_ema")
+    state, info = reconstruct(snapshots, sigma_rel, t, return_info=True)
+    out = Path(out) if out else run_dir / "checkpoints" / f"posthoc_ema-sigma_rel={sigma_rel:.4f}.ckpt"
+    summary = {"sigma_rel": float(sigma_rel), "gamma": info["gamma"], "t": info["t"],
+               "num_snapshots": len(info["snapshots"]), "snapshots": info["snapshots"],
+               "coefficients": info["coefficients"].tolist(), "fit_error": info["fit_error"], "run_dir": str(run_dir)}
+    atomic_write(out, lambda tmp: torch.save({"state_dict": state, "global_step": info["t"], "posthoc_ema": summary},
+                                             tmp))
+    # load_model reads the run's config.yaml next to or above the checkpoint: bring it along when out is elsewhere
+    config = run_dir / CONFIG_NAME
+    if config.is_file() and not any((d / CONFIG_NAME).is_file() for d in (out.parent, out.parent.parent)):
+        atomic_write(out.parent / CONFIG_NAME, lambda tmp: shutil.copyfile(config, tmp))
+    return out, summary

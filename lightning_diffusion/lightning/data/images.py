@@ -1,0 +1,168 @@
+"""Image data sets through HF `datasets`: a Hub name, a local image folder, or a `save_to_disk` directory.
+
+All three become one `datasets.Dataset` (a folder through the packaged `imagefolder` builder: class
+sub-folders -> labels, a flat folder -> unlabeled), decoded lazily to (C, H, W) tensors in [-1, 1].
+Offline (HF_HUB_OFFLINE=1, or the Hub unreachable) a Hub name is served from the local cache or fails at
+once with a message naming the local-path alternative, instead of after the HTTP client's retries.
+"""
+
+import io
+import os
+
+import datasets
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..offline import hub_access
+from .base import DiffusionDataModule, from_uint8
+
+MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # 8-bit PIL modes and their channel counts
+IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+LOCAL_HINT = "data.path=/path/to/folder_or_saved_dataset"
+
+
+def is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a `Dataset.save_to_disk` / `DatasetDict.save_to_disk` directory."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _has_image(path: str) -> bool:
+    return any(_is_image(f) for _, _, files in os.walk(path) for f in files)
+
+
+def folder_classes(path: str) -> list[str]:
+    """Class names of an image folder: its sub-folders holding images, or [] for a flat (unlabeled) folder."""
+    entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+    top_images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    classes = sorted(e.name for e in entries if e.is_dir() and _has_image(e.path))
+    if not top_images and not classes:
+        raise ValueError(f"path={path!r} holds no images (extensions {sorted(IMAGE_EXTENSIONS)[:8]}...); give a "
+                         f"folder of images, one of class sub-folders, or a save_to_disk directory")
+    if top_images and classes:
+        raise ValueError(f"path={path!r} mixes images at the top ({top_images[0]!r}, ...) with class sub-folders "
+                         f"{classes}; put every image in a class sub-folder (labeled) or none (unlabeled)")
+    return classes
+
+
+class HFImages(Dataset):
+    """(x, y) pairs from a `datasets.Dataset` with undecoded images: x (C, S, S) in [-1, 1], y long (0 if unlabeled)."""
+
+    def __init__(self, ds: datasets.Dataset, image_column: str, label_column: str | None, image_size: int, mode: str):
+        self.ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column, self.label_column, self.image_size, self.mode = image_column, label_column, image_size, mode
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        row = self.ds[i]
+        y = row[self.label_column] if self.label_column else 0
+        return self.decode(row[self.image_column], i), torch.tensor(y, dtype=torch.long)
+
+    def decode(self, image: dict, i: int) -> torch.Tensor:
+        """PIL-decode one {bytes, path} image, convert to `mode`, resize the short side and centre-crop to a square."""
+        where = image.get("path") or f"row {i}"
+        try:
+            with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
+                im = im.convert(self.mode)
+        except (OSError, ValueError, TypeError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"cannot read image {where}: {e}") from e
+        if im.size != (self.image_size, self.image_size):
+            im = TF.center_crop(TF.resize(im, self.image_size, antialias=True), [self.image_size] * 2)
+        return from_uint8(TF.pil_to_tensor(im))
+
+
+class ImageDataModule(DiffusionDataModule):
+    """Images from a Hub name (`name`) or a local `path` (image folder or save_to_disk directory), square, in [-1, 1].
+
+    Unlabeled data (a flat folder, or label_column=None) yields y = 0 and num_classes = 0.
+    """
+
+    def __init__(self, name: str | None = None, path: str | None = None, split: str = "train",
+                 image_column: str = "image", label_column: str | None = "label", num_classes: int | None = None,
+                 image_size: int = 32, mode: str = "RGB", hflip: bool = True, cache_dir: str | None = None,
+                 batch_size: int = 128, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.01):
+        if (name is None) == (path is None):
+            raise ValueError(f"name={name!r}, path={path!r}: give exactly one, a Hugging Face Hub dataset name "
+                             f"or a local {LOCAL_HINT}")
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"path={path!r} is not a directory; {LOCAL_HINT} (image folder or save_to_disk output)")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: accepted {sorted(MODES)}")
+        if not (isinstance(image_size, int) and image_size >= 1):
+            raise ValueError(f"image_size={image_size!r}: need an int >= 1")
+        super().__init__(batch_size, num_workers, seed, val_fraction, hflip)
+        self.name, self.path, self.split, self.cache_dir = name, path, split, cache_dir
+        self.image_column, self.image_size, self.mode = image_column, image_size, mode
+        self.shape = (MODES[mode], image_size, image_size)
+        self.classes: list[str] | None = None
+        if path is not None and not is_saved_dataset(path):  # an image folder: its layout fixes the labels
+            self.classes = folder_classes(path)
+            label_column = "label" if self.classes else None
+            if num_classes is not None and num_classes != len(self.classes):
+                raise ValueError(f"num_classes={num_classes} but path={path!r} has {len(self.classes)} class "
+                                 f"sub-folders {self.classes}")
+            num_classes = len(self.classes)
+        elif path is not None:  # a saved dataset: its features are cheap to read (memory-mapped)
+            features = self._load_saved().features
+            for column in (image_column, label_column):
+                if column is not None and column not in features:
+                    raise ValueError(f"column {column!r} not in the saved dataset at {path!r}; columns: "
+                                     f"{list(features)} (label_column=null for unlabeled data)")
+            if label_column is not None and num_classes is None and isinstance(features[label_column],
+                                                                                datasets.ClassLabel):
+                num_classes = len(features[label_column].names)
+        if label_column is None:
+            num_classes = 0
+        if label_column is not None and not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"num_classes={num_classes!r} for label_column={label_column!r}: set data.num_classes "
+                             f"(an int >= 1), or label_column=null for unlabeled data")
+        self.label_column, self.num_classes = label_column, num_classes
+
+    def _load_saved(self) -> datasets.Dataset:
+        ds = datasets.load_from_disk(self.path)
+        if isinstance(ds, datasets.DatasetDict):
+            if self.split not in ds:
+                raise ValueError(f"split={self.split!r} not in the saved DatasetDict at {self.path!r}: {list(ds)}")
+            ds = ds[self.split]
+        return ds
+
+    def _load_hf(self) -> datasets.Dataset:
+        if self.name is not None:
+            with hub_access(f"the Hub dataset name={self.name!r}", LOCAL_HINT + " (an image folder, class sub-folders "
+                            "-> labels, or a datasets.Dataset.save_to_disk directory)"):
+                return datasets.load_dataset(self.name, split=self.split, cache_dir=self.cache_dir)
+        if self.classes is None:
+            return self._load_saved()
+        return datasets.load_dataset("imagefolder", data_dir=self.path, split="train", cache_dir=self.cache_dir)
+
+    def prepare_data(self) -> None:
+        self._load_hf()  # download (Hub) or build the Arrow cache (folder) once; loaded again in setup
+
+    def load(self) -> HFImages:
+        ds = self._load_hf()
+        where = self.name or self.path
+        if len(ds) == 0:
+            raise ValueError(f"the dataset at {where!r} (split {self.split!r}) is empty")
+        for column in (self.image_column, self.label_column):
+            if column is not None and column not in ds.column_names:
+                raise ValueError(f"column {column!r} not in the dataset at {where!r}; columns: {ds.column_names}")
+        if self.classes is not None and self.classes and ds.features["label"].names != self.classes:
+            raise ValueError(f"imagefolder labels {ds.features['label'].names} differ from the sub-folders "
+                             f"{self.classes} of {where!r}")
+        if self.label_column is not None:
+            labels = np.asarray(ds[self.label_column])
+            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+            if len(bad):
+                i = int(bad[0])
+                image = ds.cast_column(self.image_column, datasets.Image(decode=False))[i][self.image_column]
+                raise ValueError(f"label {labels[i]} of row {i} ({image.get('path') or 'in memory'}) in {where!r} is "
+                                 f"outside 0..{self.num_classes - 1} (num_classes={self.num_classes})")
+        return HFImages(ds, self.image_column, self.label_column, self.image_size, self.mode)

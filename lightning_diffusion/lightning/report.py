@@ -1,0 +1,174 @@
+"""Paper tables from finished runs (`python -m lightning_diffusion.tables`).
+
+Every run directory under RUNS (its config.yaml, CSV log and metrics.json) is one record, and every evaluation JSON
+in it (`evaluate`'s {metrics, protocol}) one more, with the protocol's fields as `protocol.*` keys (e.g.
+`protocol.sampler.name`, `protocol.nfe`). Records are grouped by the row and column keys (dotted config paths;
+`_target_` values shortened to their last name) and the metric is reported as mean ± std over each group (the
+seeds). An experiment config's `paper.<metric>` (conf/experiment/) becomes a "paper" column beside ours.
+Writes <out>/<name>.md, .csv, .tex and .png (the metric per row, one series per column, error bars = std), and
+with --wandb PROJECT logs the table and the plot as a W&B run.
+"""
+
+import csv
+import io
+import statistics
+from pathlib import Path
+
+from .artifacts import atomic_write
+from .plots import save_effective_weighting_plot
+from .runs import collect, read_effective_weighting
+from .tracking import wandb_offline
+
+
+def label(record_keys: dict, keys: list[str]) -> str:
+    """The values at `keys`, joined; a `_target_` path shortened to its last name."""
+    def short(key):
+        value = record_keys.get(key, "-")
+        return value.rsplit(".", 1)[-1] if key.endswith("_target_") and isinstance(value, str) else str(value)
+    return ", ".join(short(k) for k in keys)
+
+
+def summarize(records: list[dict], rows: list[str], cols: list[str], metric: str) -> dict:
+    """{(row label, column label): values of `metric`}, plus a 'paper' column from `paper.<metric>`."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    for record in records:
+        keys, metrics = record["keys"], record["metrics"]
+        if metric not in metrics:
+            continue
+        row = label(keys, rows)
+        cells.setdefault((row, label(keys, cols) if cols else metric), []).append(float(metrics[metric]))
+        if keys.get(f"paper.{metric}") is not None:
+            cells[(row, "paper")] = [float(keys[f"paper.{metric}"])]
+    if not cells:
+        found = sorted({k for r in records for k in r["metrics"]})
+        raise ValueError(f"none of the {len(records)} records has the metric {metric!r}; metrics found: {found}")
+    return cells
+
+
+def cell_text(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.4g}"
+    return f"{mean:.4g} ± {statistics.stdev(values):.2g} (n={len(values)})"
+
+
+def grid(cells: dict) -> tuple[list[str], list[str]]:
+    rows = sorted({r for r, _ in cells}, key=natural)
+    cols = sorted({c for _, c in cells if c != "paper"}, key=natural)
+    return rows, cols + (["paper"] if any(c == "paper" for _, c in cells) else [])
+
+
+def natural(text: str):
+    """Sort '2' before '10': numbers by value, then text."""
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def text_rows(cells: dict, rows: list[str], cols: list[str]) -> list[list[str]]:
+    return [[cell_text(cells[(r, c)]) if (r, c) in cells else "-" for c in cols] for r in rows]
+
+
+def render(cells: dict, corner: str, fmt: str) -> str:
+    """The table as 'markdown', 'csv' (mean, std, n columns per cell) or 'latex' (booktabs)."""
+    rows, cols = grid(cells)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow([corner] + [f"{c} {part}" for c in cols for part in ("mean", "std", "n")])
+        for r in rows:
+            line = [r]
+            for c in cols:
+                values = cells.get((r, c), [])
+                line += ([statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else "", len(values)]
+                         if values else ["", "", 0])
+            writer.writerow(line)
+        return buffer.getvalue()
+    text = text_rows(cells, rows, cols)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join([corner, *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
+        lines += ["| " + " | ".join([r, *t]) + " |" for r, t in zip(rows, text)]
+        return "\n".join(lines) + "\n"
+    if fmt == "latex":
+        def tex(s):
+            return s.replace("_", r"\_").replace("±", r"$\pm$").replace("%", r"\%")
+        lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
+                 " & ".join(tex(s) for s in [corner, *cols]) + r" \\", r"\midrule"]
+        lines += [" & ".join(tex(s) for s in [r, *t]) + r" \\" for r, t in zip(rows, text)]
+        return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+    raise ValueError(f"format {fmt!r}: accepted 'markdown', 'csv', 'latex'")
+
+
+def plot(cells: dict, corner: str, metric: str, path: Path) -> Path:
+    """The metric against the rows, one series per column (mean, error bars = std); numeric rows on a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = grid(cells)
+    numeric = all(natural(r)[0] == 0 for r in rows)
+    x = [float(r) for r in rows] if numeric else list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.5))
+    for i, c in enumerate(cols):
+        pts = [(xi, cells[(r, c)]) for xi, r in zip(x, rows) if (r, c) in cells]
+        means = [statistics.fmean(v) for _, v in pts]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
+        shift = 0.0 if numeric else (i - (len(cols) - 1) / 2) * 0.8 / max(len(cols), 1)
+        ax.errorbar([p[0] + shift for p in pts], means, yerr=stds, label=c, marker="o", capsize=3,
+                    linestyle="-" if numeric else "none")
+    if not numeric:
+        ax.set_xticks(x, rows, rotation=30, ha="right")
+    ax.set_xlabel(corner)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def plot_weightings(records: list[dict], rows: list[str], path: Path) -> Path | None:
+    """The effective weighting of each row's first run, overlaid (None when no run wrote one)."""
+    curves, grid = {}, None
+    for record in records:
+        row = label(record["keys"], rows)
+        saved = read_effective_weighting(record["run_dir"]) if row not in curves else None
+        if saved is not None:
+            grid, density, product = saved
+            curves[row] = (density, product)
+    if not curves:
+        return None
+    return save_effective_weighting_plot(path, grid, curves, f"effective weightings by {', '.join(rows)}")
+
+
+def log_to_wandb(project: str, cells: dict, corner: str, name: str, png: Path) -> None:
+    """The table and its plot as one W&B run (offline by itself without a key or a network: `wandb sync` later)."""
+    import wandb
+
+    rows, cols = grid(cells)
+    run = wandb.init(project=project, name=f"table-{name}", job_type="tables", dir=str(png.parent),
+                     mode="offline" if wandb_offline() else "online")
+    table = wandb.Table(columns=[corner, *cols], data=[[r, *t] for r, t in zip(rows, text_rows(cells, rows, cols))])
+    run.log({name: table, f"{name}_plot": wandb.Image(str(png))})
+    run.finish()
+
+
+def make_tables(roots, rows: list[str], cols: list[str], metric: str, out: Path, name: str,
+                wandb_project: str | None = None) -> str:
+    """Write <out>/<name>.{md,csv,tex,png} (and log them to W&B if a project is given); returns the Markdown."""
+    records = collect(roots)
+    cells = summarize(records, rows, cols, metric)
+    corner = ", ".join(k.removesuffix("._target_").rsplit(".", 1)[-1] for k in rows) or "run"
+    for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
+        text = render(cells, corner, fmt)
+        atomic_write(out / f"{name}.{suffix}", lambda tmp, text=text: Path(tmp).write_text(text))
+    png = plot(cells, corner, metric, out / f"{name}.png")
+    weightings = plot_weightings(records, rows, out / f"{name}_effective_weighting.png")
+    if weightings is not None:
+        print(f"wrote {weightings}: the effective weightings of the rows, overlaid")
+    if wandb_project:
+        log_to_wandb(wandb_project, cells, corner, name, png)
+    return render(cells, corner, "markdown")

@@ -1,0 +1,71 @@
+"""Drawing samples from a trained model outside training: the device, the batches, progress, and a file name that
+says what drew them (`sample` and `evaluate` name their outputs with the same helper)."""
+
+import hashlib
+import json
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .metrics.sharding import class_labels
+from .progress import progress_bar
+
+
+def best_device(device: str = "auto") -> str:
+    """`auto`: the first GPU when there is one (CUDA, else Apple's MPS), else the CPU; any other value as given."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def sampling_choice(cfg: DictConfig, run_cfg: DictConfig) -> tuple[DictConfig, DictConfig]:
+    """The (sampler, grid) configs to draw with: `sampler=<name>` with its grid, else the run's own; a grid given
+    alone (`grid=<name>`) replaces the run's, and grid keys alone (`grid.steps=10`) update it."""
+    sampler = cfg.sampler if cfg.get("sampler") else run_cfg.sampler
+    grid = cfg.get("grid") or {}
+    if cfg.get("sampler") or "_target_" in grid:
+        return sampler, OmegaConf.merge(run_cfg.grid if "_target_" not in grid else {}, grid)
+    return sampler, OmegaConf.merge(run_cfg.grid, grid)
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def sampler_label(sampler_cfg, grid_cfg) -> str:
+    """`<sampler>-<grid>`, e.g. `heun-karras`, `ancestral-strided`: the solver names a PF-ODE sampler."""
+    sampler, grid = _plain(sampler_cfg), _plain(grid_cfg)
+    name = sampler["_target_"].rsplit(".", 1)[-1]
+    if isinstance(sampler.get("solver"), dict):
+        name = sampler["solver"]["_target_"].rsplit(".", 1)[-1]
+    return f"{name}-{grid['_target_'].rsplit('.', 1)[-1].removesuffix('_times')}"
+
+
+def output_stem(sampler_cfg, grid_cfg, nfe: int, **setting) -> str:
+    """`<sampler>-<grid>-nfe<N>-<key><value>...-<hash>`: the hash covers the whole sampler and grid configs and the
+    setting, so results of different configurations never share a file name (and equal ones do)."""
+    record = {"sampler": _plain(sampler_cfg), "grid": _plain(grid_cfg), **setting}
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    shown = "".join(f"-{key}{value}" for key, value in setting.items() if key in ("n", "seed"))
+    return f"{sampler_label(sampler_cfg, grid_cfg)}-nfe{nfe}{shown}-{digest}"
+
+
+@torch.no_grad()
+def draw(model, n: int, batch_size: int, seed: int, sampler=None, grid=None, guidance_scale: float | None = None,
+         progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """n samples in batches from one generator seeded with `seed`, labels 0..C-1 cycled: (samples, labels, NFE)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = class_labels(n, model.num_classes, model.device)
+    chunks, nfe = [], 0
+    with progress_bar(n, "sampling", progress, "sample") as bar:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            chunk_labels = labels[start:stop] if labels is not None else None
+            x, nfe = model.generate(stop - start, chunk_labels, guidance_scale, sampler, grid, generator)
+            chunks.append(x.cpu())
+            bar.update(stop - start)
+    return torch.cat(chunks), labels, nfe

@@ -1,0 +1,58 @@
+"""Every benchmark's --quick mode runs and prints its tables (for rot: the numbers are not checked)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_quick(script: str, *flags: str) -> str:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *flags], capture_output=True, text=True,
+                         timeout=600, cwd=BENCHMARKS.parent, env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def tables(stdout: str) -> list[str]:
+    """The titles of the Markdown tables printed, each with a header separator and at least one row."""
+    lines = stdout.splitlines()
+    titles = [line for line in lines if line.startswith("## ")]
+    assert titles, stdout
+    for title in titles:
+        rest = lines[lines.index(title) + 1:]
+        body = [line for line in rest if line.strip()][:3]
+        assert body[0].startswith("| ") and body[1].startswith("|---") and body[2].startswith("| "), stdout
+    return titles
+
+
+def test_quality_per_nfe_quick():
+    out = run_quick("quality_per_nfe.py")
+    assert len(tables(out)) == 2
+    assert "diffusers DPMSolverMultistep" in out and "ours <= peer?" in out
+
+
+# script + flags -> (tables printed, strings its output must hold); the slow ones train or time real fits
+SLOW_QUICK_MODES = {
+    "training_overhead.py": (2, ["hand loop images/s"]),
+    "training_overhead.py --profile": (2, ["per-bin logging", "callback EMA"]),
+    "sampling_overhead.py": (2 if Path("/proc/self/clear_refs").exists() else 1, ["bare network calls ms"]),
+    "peak_memory.py": (1, ["main job"]),
+    "compile_bf16.py": (1, ["bf16-mixed"]),
+    "latent_cost.py": (1, ["digits16 | latents, cached", "digits | latents, cached"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", SLOW_QUICK_MODES)
+def test_quick_mode_prints_its_tables(command):
+    out = run_quick(*command.split())
+    n_tables, expected = SLOW_QUICK_MODES[command]
+    assert len(tables(out)) == n_tables
+    for text in expected:
+        assert text in out, text
