@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from .lightning.builder import build
-from .lightning.checkpoints import resolve_ckpt_path, save_run_config
+from .lightning.checkpoints import check_same_run, resolve_ckpt_path, save_run_config
 from .lightning.distributed import collectives_watched
 from .lightning.tracking import register_resolvers
 
@@ -19,13 +19,14 @@ def train(cfg: DictConfig) -> dict:
     """Fit, then return the final metrics (the callbacks write samples, checkpoints and metrics.json to run_dir)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.run_dir))
+    if ckpt_path:
+        check_same_run(cfg, Path(cfg.run_dir))  # before config.yaml is overwritten
+        rank_zero_info(f"resuming from {ckpt_path}")
     if trainer.is_global_zero:
         save_run_config(cfg, cfg.run_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.run_dir))
-    if ckpt_path:
-        rank_zero_info(f"resuming from {ckpt_path}")
     with collectives_watched(str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

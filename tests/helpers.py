@@ -2,6 +2,7 @@
 
 import math
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -89,3 +90,32 @@ def entry_point_env(**extra: str) -> dict:
     """The environment of a subprocess run of an entry point: no SLURM_* variables (inside a SLURM job Lightning would
     take the run for one of its tasks, and a signal would requeue the job), warnings quiet, plus `extra`."""
     return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"PYTHONWARNINGS": "ignore"} | extra
+
+
+class SignalAt(L.Callback):
+    """For subprocess runs (PYTHONPATH=tests): this process sends itself `signum` after training step `step`, or in
+    the first validation batch after it (`where='val'`, not the sanity check)."""
+
+    def __init__(self, step: int, signum: int = 15, where: str = "train"):
+        self.step, self.signum, self.where = step, signum, where
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.where == "train" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.where == "val" and not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == 0:
+            os.kill(os.getpid(), self.signum)
+
+
+class SlowValidation(L.Callback):
+    """For subprocess runs: every validation batch after the sanity check takes `seconds` longer; the first one writes
+    <run_dir>/validating, so a test knows when to send its signal."""
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            Path(trainer.default_root_dir, "validating").touch()
+            time.sleep(self.seconds)

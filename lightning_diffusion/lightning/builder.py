@@ -6,18 +6,24 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from . import schema
+from .callbacks.base import ForModel
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config that cannot run, found before any training compute; the message names the key and the value."""
 
-
-def make(node: DictConfig, **kwargs):
-    """hydra.utils.instantiate, with a constructor's own complaint (bad value, bad pair) raised as a ConfigError."""
+def make(node: DictConfig, key: str = "", **kwargs):
+    """hydra.utils.instantiate, with a constructor's own complaint (bad value, bad pair) raised as a ConfigError that
+    names the dotted keys (under `key`) of the node's values the complaint mentions."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)) else err
-        raise ConfigError(f"{err}" if cause is err else f"{cause} [in {node.get('_target_', 'config')}]") from cause
+        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError, OSError)) else err
+        if cause is err:
+            raise ConfigError(str(err)) from err
+        named = [f"{key}.{name}={node[name]}" for name in node if not name.startswith("_") and name in str(cause)
+                 and not isinstance(node[name], DictConfig)]
+        raise ConfigError(f"{', '.join(named) + ': ' if named else ''}{cause} [in {node.get('_target_', key)}]") \
+            from cause
 
 
 def data_meta(shape, num_classes: int, out_factor: int = 1) -> dict:
@@ -35,7 +41,9 @@ def dry_run(model, shape) -> None:
     try:
         model.dry_run(shape)
     except (ValueError, RuntimeError, TypeError) as err:
-        raise ConfigError(f"the configured model cannot train on samples of shape {tuple(shape)}: {err}") from err
+        chosen = ", ".join(choice(group) for group in ("model", "network", "data", "sampler", "grid"))
+        raise ConfigError(f"this combination ({chosen}) cannot train and sample on samples of shape {tuple(shape)}: "
+                          f"{err}") from err
 
 
 def make_callback(name: str, node: DictConfig):
@@ -43,7 +51,7 @@ def make_callback(name: str, node: DictConfig):
         raise ConfigError(f"callbacks.{name} = {OmegaConf.to_container(node)} has no _target_: an override set keys "
                           "of a callback the chosen callbacks config does not have (drop the override, or add "
                           f"callbacks.{name}._target_)")
-    return make(node)
+    return make(node, f"callbacks.{name}")
 
 
 def register_data_stats(datamodule, first_stage) -> None:
@@ -59,10 +67,33 @@ def register_data_stats(datamodule, first_stage) -> None:
     OmegaConf.register_new_resolver("data_stat", stat, replace=True)
 
 
+def choice(group: str) -> str:
+    """The group's option on the command line (`callbacks=default`), as Hydra composed it, for error messages."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return f"{group}=?"
+    return f"{group}={HydraConfig.get().runtime.choices.get(group)}"
+
+
+def check_pairs(model, callbacks: dict) -> None:
+    """Each callback made for one kind of model (ForModel) is refused, naming both choices, with another."""
+    for name, callback in callbacks.items():
+        if isinstance(callback, ForModel) and not isinstance(model, callback.model_type):
+            raise ConfigError(f"{choice('callbacks')} has callbacks.{name} ({type(callback).__name__}), made for the model "
+                              f"{callback.model_type.__name__}, but {choice('model')} builds {type(model).__name__}: "
+                              "pick callbacks of this model (e.g. callbacks=autoencoder with experiment=autoencoder)")
+
+
+ALL_PARTS = ("first_stage", "network", "model", "sampler", "grid", "trainer", "callbacks", "logger")
+
+
 def build(cfg: DictConfig):
     """Instantiate data, network, model, callbacks, loggers and trainer from a composed config, checking it first."""
-    datamodule = make(cfg.data)
-    first_stage = make(cfg.first_stage) if cfg.get("first_stage") else None
+    schema.check(cfg, ("data", *schema.TOP_LEVEL))
+    datamodule = make(cfg.data, "data")
+    schema.check(cfg, ("first_stage",))
+    first_stage = make(cfg.first_stage, "first_stage") if cfg.get("first_stage") else None
     register_data_stats(datamodule, first_stage)
     num_classes = datamodule.num_classes if cfg.conditional else 0
     shape = datamodule.shape
@@ -76,12 +107,20 @@ def build(cfg: DictConfig):
         cfg.data_meta = data_meta(shape, num_classes, 2 if cfg.model.get("learned_variance") else 1)
         if cfg.get("guidance_scale") is None:  # written down resolved, so the run directory says what it sampled with
             cfg.guidance_scale = 2.0 if num_classes else 1.0
+    schema.check(cfg, ALL_PARTS[1:])
     extra = {"first_stage": first_stage} if first_stage is not None else {}
-    model = make(cfg.model, network=make(cfg.network), **extra)
+    try:
+        network = make(cfg.network, "network")
+    except ConfigError as err:
+        raise ConfigError(f"{choice('network')} cannot serve {choice('data')} (samples of shape {tuple(shape)}): "
+                          f"{err}") from err
+    model = make(cfg.model, "model", network=network, **extra)
     dry_run(model, shape)
-    callbacks = [make_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
-    loggers = [make(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    trainer = make(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)
+    callbacks = {name: make_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
+    check_pairs(model, callbacks)
+    loggers = [make(lg, f"logger.{name}") for name, lg in (cfg.get("logger") or {}).items() if lg is not None]
+    trainer = make(cfg.trainer, "trainer", callbacks=list(callbacks.values()), logger=loggers or False,
+                   default_root_dir=cfg.run_dir)
     try:
         datamodule.split_global_batch(trainer.num_devices * trainer.num_nodes)
     except ValueError as err:

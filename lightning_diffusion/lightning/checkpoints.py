@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..core.power_ema import load_snapshots, reconstruct
 from ..networks.first_stage import FirstStage
 from .artifacts import atomic_write
+from .errors import ConfigError
 
 CONFIG_NAME = "config.yaml"
 
@@ -60,20 +61,72 @@ def check_checkpoint(ckpt_path) -> None:
         raise ValueError(f"{ckpt_path} is not a lightning_diffusion training checkpoint: it has no {missing}")
 
 
+def trained_steps(path: Path) -> int:
+    """The global step a checkpoint holds (memory-mapped: only that entry is read), or -1 if it cannot be read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 (a truncated or foreign file is never the newest)
+        return -1
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """'last' -> the newest checkpoint of the run, if any (a requeued job resumes); else a path, or None."""
+    """'last' -> the run's checkpoint with the most steps, if any (a requeued or moved run resumes); else a path, or
+    None. Found by content, not by name or date: last.ckpt, last-v<k>.ckpt and Lightning's hpc_ckpt_*.ckpt alike."""
     if ckpt_path in (None, "", "null"):
         return None
-    if ckpt_path == "last":  # the newest of last.ckpt and Lightning's SLURM-requeue hpc_ckpt_*.ckpt
-        found = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"] if p.is_file()]
+    if ckpt_path == "last":
+        found = [p for p in [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("last*.ckpt")]
+                 if p.is_file()]
         if not found:
             return None
-        ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
+        ckpt_path = str(max(found, key=lambda p: (trained_steps(p), p.stat().st_mtime)))
+    elif Path(ckpt_path).is_dir():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory: give a checkpoint file (e.g. "
+                                f"{Path(ckpt_path) / 'checkpoints' / 'last.ckpt'}), ckpt_path=last or ckpt_path=null")
     elif not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (use ckpt_path=last to resume from "
                                 f"{run_dir}/checkpoints/last.ckpt when present, or ckpt_path=null to start fresh)")
     check_checkpoint(ckpt_path)
     return ckpt_path
+
+
+# what a resume must find unchanged in the run directory's config.yaml; how it samples and loads data may change
+RUN_IDENTITY = ("model", "network", "data", "first_stage", "conditional", "data_meta")
+FREE_TO_CHANGE = ("data.num_workers", "model.sampler.", "model.grid.", "model.guidance_scale")
+
+
+def changed_keys(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config trees (added and removed keys included)."""
+    if not (isinstance(saved, dict) and isinstance(new, dict)):
+        return [] if saved == new else [prefix.rstrip(".")]
+    keys = sorted(set(saved) | set(new))
+    return [k for key in keys for k in changed_keys(saved.get(key, "<absent>"), new.get(key, "<absent>"),
+                                                    f"{prefix}{key}.")]
+
+
+def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to resume a run directory with another model, network, data or first stage than it trained, naming
+    the keys; a user who means it starts fresh (ckpt_path=null) or elsewhere (hydra.run.dir=...)."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    new = OmegaConf.to_container(cfg, resolve=True)
+    changed = [k for part in RUN_IDENTITY for k in changed_keys(saved.get(part), new.get(part), f"{part}.")
+               if not any(k == free or k.startswith(free) for free in FREE_TO_CHANGE)]
+    changed.sort(key=lambda k: not k.endswith("_target_"))  # what was chosen first, then its parameters
+    if changed:
+        shown = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(new, k)!r}" for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ConfigError(f"{run_dir} holds a run of another configuration than this one: {shown}{more}. Resume it "
+                         "with its own settings, start it fresh with ckpt_path=null (its checkpoints are overwritten), "
+                         "or choose another hydra.run.dir")
+
+
+def _get(tree, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key, "<absent>") if isinstance(tree, dict) else "<absent>"
+    return tree
 
 
 def load_model(ckpt_path, device: str = "cpu"):

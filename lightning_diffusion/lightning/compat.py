@@ -66,12 +66,3 @@ def save_last_now(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
     """
     if callback._last_global_step_saved != trainer.global_step:
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
-
-
-def restored_epoch(trainer: L.Trainer) -> int:
-    """The epoch the fit loop is in, as restored from a checkpoint (epochs whose end has been processed).
-
-    Lightning sets a resumed loader's epoch only after it created the iterator; the data module sets it itself from
-    the loop's progress counter, which has no public view.
-    """
-    return trainer.fit_loop.epoch_progress.current.processed

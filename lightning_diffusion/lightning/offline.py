@@ -24,6 +24,15 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is out of reach: HF_HUB_OFFLINE set, or no connection within seconds."""
+    import datasets
+    import huggingface_hub.constants
+
+    return (os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+            or datasets.config.HF_HUB_OFFLINE or not reachable(huggingface_hub.constants.ENDPOINT))
+
+
 @contextlib.contextmanager
 def hub_access(what: str, local_hint: str):
     """Run a Hugging Face Hub load online, or offline from the local cache, failing at once (naming `local_hint`)
@@ -31,9 +40,7 @@ def hub_access(what: str, local_hint: str):
     import datasets
     import huggingface_hub.constants
 
-    offline = (os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-               or datasets.config.HF_HUB_OFFLINE or not reachable(huggingface_hub.constants.ENDPOINT))
-    if not offline:
+    if not hub_offline():
         yield
         return
     # datasets and huggingface_hub read these flags at import; set them so this load uses the cache only

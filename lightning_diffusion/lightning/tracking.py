@@ -6,6 +6,7 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
+from .loggers import run_id
 from .offline import reachable
 
 
@@ -28,6 +29,9 @@ def wandb_offline() -> bool:
 
 
 def register_resolvers() -> None:
-    """`${wandb_offline:}` in configs decides W&B's mode when the config is resolved."""
+    """`${wandb_offline:}` decides W&B's mode when the config is resolved; `${wandb_run_id:<run_dir>}` is the run
+    directory's W&B run id (loggers.run_id), so a resumed run continues its W&B run."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline, use_cache=True)
+    if not OmegaConf.has_resolver("wandb_run_id"):
+        OmegaConf.register_new_resolver("wandb_run_id", run_id)

@@ -1,5 +1,6 @@
 """Bad configs fail before any compute with one clear error naming the value; random overrides never reach torch."""
 
+import math
 import random
 
 import pytest
@@ -15,7 +16,7 @@ CLEAR = (ConfigError, ConfigCompositionException, FileNotFoundError)
     (["model=nope"], "Could not find 'model/nope'"),
     (["sampler=nope"], "Could not find 'sampler/nope'"),
     (["model.weighting._target_=lightning_diffusion.core.weightings.nope"], "nope"),
-    (["model=edm", "+model.learned_variance=true"], "learned_variance=True is improved DDPM's"),
+    (["model=edm", "model.learned_variance=true"], "learned_variance=True is improved DDPM.s"),
     (["data=moons", "network=mlp", "guidance_scale=3.0"], "guidance_scale=3.0 needs labelled data"),
     (["data=digits16"], r"attn_resolutions \[4\] are never reached"),
     (["network.channel_mult=[1,2,2,2,2]"], "image_size=8 must be divisible by"),
@@ -33,21 +34,71 @@ def test_bad_config_gives_one_clear_error(overrides, message, tmp_path):
         build(compose_config(overrides, tmp_path))
 
 
-KEYS = ["model.process.T", "model.label_dropout", "model.optimizer.lr", "network.channels", "network.channel_mult",
-        "network.dropout", "data.batch_size", "data.val_fraction", "data.image_size", "model.process.schedule._target_",
-        "guidance_scale", "model.nonfinite", "callbacks.ema.half_life_steps", "callbacks.ema.ramp"]
-VALUES = ["-1", "0", "1", "0.5", "1.5", "1e9", "abc", "null", "[]", "[1,2,3]", "''"]
+# The fuzz: random group choices x random keys set to values, each either sensible ("good") or nonsense ("bad").
+GROUPS = {"model": ["ddpm", "edm", "flow", "ncsn", "score_sde", "score_sde_ve", "score_sde_subvp"],
+          "sampler": [None, "ancestral", "ddim", "heun", "euler", "pc", "annealed_langevin", "dpm_solver_pp_2m"],
+          "data": ["digits", "moons", "gaussian_mixture"], "network": ["unet_tiny", "mlp"],
+          "callbacks": ["default", "with_likelihood", "posthoc_ema"]}
+NAN, INF = float("nan"), float("inf")
+VALUES = {  # key: (good values, bad values)
+    "model.optimizer.lr": ([1e-4, 2e-3], [0, -1, "abc", NAN, INF]),
+    "model.lr_warmup_steps": ([0, 10], [-10, 1.5, "x"]),
+    "model.label_dropout": ([0.0, 0.2], [1.5, -0.1, "x"]),
+    "callbacks.ema.half_life_steps": ([5, 100.0], [0, NAN, -3, "x"]),
+    "grid.steps": ([3, 10], [0, -1, 2.5, "x"]),
+    "trainer.max_steps": ([1, 3], [0, INF, -5, "x"]),
+    "trainer.val_check_interval": ([1, 2], [0, -1, "x"]),
+    "guidance_scale": ([None, 1.0], [NAN, INF, -1, "x"]),
+    "seed": ([0, 7], [-1, 1.5, "x"]),
+    "model.learned_variance": ([False], [{}, "no", 1e12]),
+    "data.batch_size": ([32, 64], [0, -1, 1.5, "x"]),
+    "callbacks.checkpoint.every_n_train_steps": ([2, None], [[], -3, "x"]),
+}
 
 
-def test_random_overrides_give_a_run_config_or_a_clear_error(tmp_path):
-    """A fuzz of single overrides: build() returns, or raises a clear error, never a deep torch traceback."""
+def override(key: str, value) -> str:
+    """key=value as a command line writes it: null, true / false, nan, inf, quoted strings, {} and [] as they are."""
+    if value is None or isinstance(value, bool):
+        text = {None: "null", True: "true", False: "false"}[value]
+    elif isinstance(value, float) and not math.isfinite(value):
+        text = "nan" if math.isnan(value) else "inf"
+    else:
+        text = f"'{value}'" if isinstance(value, str) else str(value)
+    return f"{key}={text}"
+
+
+def fuzz_case(rng: random.Random) -> tuple[list[str], list[str]]:
+    """(overrides, the keys given nonsense): a random group choice each, and 1-3 keys."""
+    overrides = [f"{group}={rng.choice(options)}" for group, options in GROUPS.items()]
+    overrides = [o for o in overrides if not o.endswith("=None")]
+    bad_keys = []
+    for key in rng.sample(sorted(VALUES), rng.randint(1, 3)):
+        good, bad = VALUES[key]
+        nonsense = rng.random() < 0.35
+        overrides.append(override(key, rng.choice(bad if nonsense else good)))
+        bad_keys += [key] * nonsense
+    return overrides, bad_keys
+
+
+def test_random_override_sets_work_or_are_refused_naming_the_key(tmp_path):
+    """Groups x values: every outcome builds (no nonsense given) or is a ConfigError naming a nonsense key, or, for
+    group choices that cannot pair, naming the choices; never another exception, never nonsense accepted."""
     rng = random.Random(0)
-    outcomes = {"ok": 0, "clear": 0}
-    for i in range(40):
-        override = f"{rng.choice(KEYS)}={rng.choice(VALUES)}"
+    counts = {"tried": 0, "worked": 0, "refused cleanly": 0, "other": 0}
+    for i in range(60):
+        overrides, bad_keys = fuzz_case(rng)
+        counts["tried"] += 1
         try:
-            build(compose_config([override, "logger=csv"], tmp_path / str(i)))
-            outcomes["ok"] += 1
-        except CLEAR:
-            outcomes["clear"] += 1
-    assert outcomes["clear"] > 0 and sum(outcomes.values()) == 40
+            build(compose_config(overrides + ["logger=csv"], tmp_path / str(i)))
+        except ConfigError as err:
+            named = [k for k in bad_keys if k in str(err)] or (not bad_keys and "=" in str(err))
+            assert named, (overrides, str(err))
+            counts["refused cleanly"] += 1
+            continue
+        except Exception as err:  # noqa: BLE001 (the point: nothing else may come out)
+            counts["other"] += 1
+            pytest.fail(f"{overrides}: {type(err).__name__}: {err}")
+        assert not bad_keys, f"nonsense accepted: {overrides}"
+        counts["worked"] += 1
+    print(counts)
+    assert counts["other"] == 0 and counts["worked"] > 5 and counts["refused cleanly"] > 5

@@ -148,3 +148,19 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_on_both(tmp_path):
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 8
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+def test_validation_whose_ranks_miss_different_logsnr_bins_does_not_hang(tmp_path):
+    """The command that hung in validation (each rank's batch missed other logsnr bins, so the ranks logged other
+    synced metrics and their collectives no longer paired): it finishes, its validation losses per bin logged."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "lightning_diffusion.train", "trainer=ddp", "logger=csv", "trainer.max_steps=30",
+               "data.batch_size=512", "trainer.val_check_interval=1000", "callbacks.final_samples.n_per_class=2",
+               "callbacks.final_samples.n_unconditional=16", "trainer.enable_progress_bar=false",
+               f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(command, cwd=tmp_path, env=entry_point_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=420)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 30
+    log = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    assert any(c.startswith("val/loss_logsnr[") and log[c].notna().any() for c in log.columns)

@@ -10,12 +10,13 @@ import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 
 from ..compat import averaged_module
+from ..models import DiffusionModel
+from .base import ForModel
 from ..metrics.bits_per_dim import LikelihoodOptions, likelihood_metrics
 from ..metrics.extractors import extract_features, load_extractor, resolve_weights
 from ..metrics.fidelity import fidelity_metrics, protocol_record, save_metrics_json
@@ -27,8 +28,10 @@ from .signals import stop_point
 SPLITS = ("train", "val")
 
 
-class PeriodicEvaluation(L.Callback):
+class PeriodicEvaluation(ForModel):
     """Evaluates the EMA model every `every_n_steps` optimizer steps, on `num_samples` samples or images."""
+
+    model_type = DiffusionModel
 
     def __init__(self, every_n_steps: int, num_samples: int, split: str, split_key: str = "split"):
         if not (isinstance(every_n_steps, int) and every_n_steps >= 1):

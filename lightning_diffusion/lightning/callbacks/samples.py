@@ -9,6 +9,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..artifacts import save_grid, save_json, save_npz
 from ..metrics.classifier import fit_classifier, label_accuracy
+from ..models import AutoencoderModel, DiffusionModel
+from .base import ForModel
 from ..metrics.sharding import class_labels
 from .signals import Preempted, abandon_if_signalled, signal_callback
 
@@ -20,9 +22,11 @@ def log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
             logger.log_image(key=key, images=[str(path)], step=step)
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(ForModel):
     """Every `every_n_epochs` validations, draw `n` samples with the EMA weights and save / log a grid (a row per
     class for a conditional model)."""
+
+    model_type = DiffusionModel
 
     def __init__(self, n: int = 64, every_n_epochs: int = 1, seed: int = 0):
         self.n, self.every_n_epochs, self.seed = n, every_n_epochs, seed
@@ -43,8 +47,10 @@ class SampleGrid(L.Callback):
         log_image(trainer, "samples", path, trainer.global_step)
 
 
-class ReconstructionGrid(L.Callback):
+class ReconstructionGrid(ForModel):
     """At each validation, save / log the first `n` validation images (top row) over their reconstructions."""
+
+    model_type = AutoencoderModel
 
     def __init__(self, n: int = 16):
         self.n = n
@@ -59,12 +65,14 @@ class ReconstructionGrid(L.Callback):
         log_image(trainer, "reconstructions", path, trainer.global_step)
 
 
-class FinalSamples(L.Callback):
+class FinalSamples(ForModel):
     """When fitting ends (EMA weights in place): draw guided samples, save grid + .npz, and score them.
 
     For labelled data, a classifier trained on the real training images labels the samples; the fraction labelled
     as the class asked for is logged as `final/classifier_accuracy` and written to `metrics.json`.
     """
+
+    model_type = DiffusionModel
 
     def __init__(self, n_per_class: int = 50, n_unconditional: int = 256, seed: int = 0):
         self.n_per_class, self.n_unconditional, self.seed = n_per_class, n_unconditional, seed

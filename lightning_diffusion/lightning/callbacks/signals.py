@@ -142,8 +142,12 @@ class CheckpointOnSignal(L.Callback):
         raise SIGTERMException(128 + signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return  # inside a gradient accumulation window (the same batch_idx on every rank)
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.is_last_batch:
+            return  # inside an accumulation window, or the epoch's last batch: its stop point is the epoch's end
+        self.stop_point(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # after the epoch's last step (a save inside that batch resumes into a miscounted epoch: ModelCheckpoint)
         self.stop_point(trainer, pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):

@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from ...core.weightings import effective_weighting
 from ..artifacts import atomic_write
+from ..models import DiffusionModel
 from ..plots import save_effective_weighting_plot
+from .base import ForModel
 from .samples import log_image
 
 
@@ -18,9 +19,11 @@ def name(fn) -> str:
     return base + (f"({', '.join(f'{k}={v}' for k, v in keywords.items())})" if keywords else "")
 
 
-class EffectiveWeightingPlot(L.Callback):
+class EffectiveWeightingPlot(ForModel):
     """Writes <run_dir>/effective_weighting.{csv,png}: density of logsnr, weight w and their product (the `tables`
     entry point overlays the CSVs of the runs it compares)."""
+
+    model_type = DiffusionModel
 
     def __init__(self, logsnr_min: float = -15.0, logsnr_max: float = 15.0, points: int = 301):
         if not logsnr_min < logsnr_max or points < 2:

@@ -11,8 +11,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ..compat import restored_epoch
-
 
 def to_uint8(x: Tensor) -> Tensor:
     """Map images in [-1, 1] to uint8 in [0, 255] for saving (the inverse of `from_uint8`, up to rounding)."""
@@ -22,6 +20,24 @@ def to_uint8(x: Tensor) -> Tensor:
 def from_uint8(x: Tensor) -> Tensor:
     """Map uint8 pixels in [0, 255] to float32 in [-1, 1]."""
     return x.float() / 127.5 - 1
+
+
+class FitEpochSampler(DistributedSampler):
+    """This rank's shard of a permutation drawn from (seed, the fit loop's epoch) alone, the epoch read when an epoch's
+    iteration starts (`trainer.current_epoch`: the epochs completed), not what `set_epoch` was last told.
+
+    Lightning sets a resumed loader's epoch after it created the iterator (a run resumed in epoch k >= 1 replayed
+    epoch 0's order), and resumed at an epoch's end it counts the epoch processed twice (2.6): the next epoch would be
+    shuffled as the one after. Apart from the loader's generator and the training step's global RNG.
+    """
+
+    def __init__(self, dataset: Dataset, epoch_of, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.epoch_of = epoch_of
+
+    def __iter__(self):
+        self.epoch = self.epoch_of()
+        return super().__iter__()
 
 
 def collate_pair(batch) -> tuple[Tensor, Tensor]:
@@ -73,33 +89,32 @@ class DiffusionDataModule(L.LightningDataModule):
         """The whole dataset as (x, y) pairs, x in the model's space, y a long scalar; called in `setup`."""
         raise NotImplementedError
 
+    def load_held_out(self) -> Dataset | None:
+        """A validation set of its own (another split), or None: validation holds out `val_fraction` of `load()`."""
+        return None
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:  # Lightning calls setup once per stage
             return
-        full = self.load()
+        full, held_out = self.load(), self.load_held_out()
         n = len(full)
-        n_val = int(round(self.val_fraction * n))
+        n_val = 0 if held_out is not None else int(round(self.val_fraction * n))
         if n - n_val < 1:
             raise ValueError(f"{type(self).__name__} has {n} samples: too few for val_fraction={self.val_fraction}")
         # the same seeded permutation on every process, so DDP ranks agree on the split
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        self.val_dataset = Subset(full, perm[:n_val])
+        self.val_dataset = held_out if held_out is not None else Subset(full, perm[:n_val])
         train = Subset(full, perm[n_val:])
         self._train_plain = train  # the train split without augmentation, for statistics and evaluation
         self.train_dataset = HFlip(train) if self.hflip else train
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         # Stateful: Lightning checkpoints the position inside the epoch, so a resumed run sees the same batches.
-        # One sampler for one process and for DDP (Lightning keeps a DistributedSampler it is given): this rank's
-        # shard of a permutation drawn from (seed, epoch) alone, apart from the loader's generator and the global
-        # RNG of the training step. Its epoch is set here, from the restored fit loop: Lightning creates a resumed
-        # run's iterator, fast-forwarded to the saved position, before it calls set_epoch, so a run resumed in
-        # epoch k >= 1 replayed epoch 0's order.
+        # One sampler for one process and for DDP (Lightning keeps a DistributedSampler it is given).
         trainer = self.trainer
-        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
-                                     rank=trainer.global_rank if trainer else 0, shuffle=shuffle, seed=self.seed)
-        if shuffle and trainer is not None:
-            sampler.set_epoch(restored_epoch(trainer))
+        sampler = FitEpochSampler(dataset, (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
+                                  num_replicas=trainer.world_size if trainer else 1,
+                                  rank=trainer.global_rank if trainer else 0, shuffle=shuffle, seed=self.seed)
         return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                                   generator=torch.Generator().manual_seed(self.seed + 1), collate_fn=collate_pair,
                                   persistent_workers=self.num_workers > 0)

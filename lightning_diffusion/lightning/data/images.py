@@ -14,10 +14,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import Dataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import Dataset, Subset
 
-from ..offline import hub_access
+from ..offline import hub_access, hub_offline
 from .base import DiffusionDataModule, from_uint8
+from .integrity import damaged_images
 
 MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # 8-bit PIL modes and their channel counts
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
@@ -67,28 +69,63 @@ class HFImages(Dataset):
         return self.decode(row[self.image_column], i), torch.tensor(y, dtype=torch.long)
 
     def decode(self, image: dict, i: int) -> torch.Tensor:
-        """PIL-decode one {bytes, path} image, convert to `mode`, resize the short side and centre-crop to a square."""
-        where = image.get("path") or f"row {i}"
+        """PIL-decode one {bytes, path} image, convert to `mode`, resize the short side and centre-crop to a square.
+
+        Images of more than 8 bits (PIL modes I;16 and I) are read at their own depth, not clipped to 255 (which
+        made 16-bit greyscale PNGs white).
+        """
+        size = [self.image_size] * 2
         try:
             with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
-                im = im.convert(self.mode)
+                deep = high_bit_depth(im, self.mode)
+                if deep is None:  # 8 bits: PIL converts and resizes, exactly as always
+                    im = im.convert(self.mode)
+                    if im.size != tuple(size):
+                        im = TF.center_crop(TF.resize(im, self.image_size, antialias=True), size)
+                    return from_uint8(TF.pil_to_tensor(im))
         except (OSError, ValueError, TypeError) as e:  # PIL.UnidentifiedImageError is an OSError
-            raise ValueError(f"cannot read image {where}: {e}") from e
-        if im.size != (self.image_size, self.image_size):
-            im = TF.center_crop(TF.resize(im, self.image_size, antialias=True), [self.image_size] * 2)
-        return from_uint8(TF.pil_to_tensor(im))
+            raise ValueError(f"cannot read image {image.get('path') or f'row {i}'}: {e}") from e
+        if list(deep.shape[-2:]) != size:
+            deep = TF.center_crop(TF.resize(deep, self.image_size, antialias=True), size)
+        return (2 * deep - 1).clamp(-1, 1)
+
+
+def _rows(batch: dict) -> list[dict]:
+    """A columnar batch of `Dataset.iter` as rows."""
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def high_bit_depth(im: Image.Image, mode: str) -> torch.Tensor | None:
+    """A 16-bit (I;16*) or 32-bit integer (I) greyscale image as (C, H, W) float in [0, 1] at its own depth, or None
+    for an 8-bit image (PIL's own conversion serves it). Grey goes to every channel of an RGB mode."""
+    if not im.mode.startswith("I"):
+        return None
+    if mode not in ("L", "RGB"):
+        raise ValueError(f"a {im.mode} (more than 8 bits) image can be read as mode L or RGB, not {mode!r}")
+    levels = 65535.0 if im.mode.startswith("I;16") or int(np.asarray(im).max(initial=0)) <= 65535 else 2.0**32 - 1
+    x = torch.from_numpy(np.asarray(im, dtype=np.float64) / levels).float()[None]
+    return x.expand(MODES[mode], -1, -1).contiguous()
 
 
 class ImageDataModule(DiffusionDataModule):
     """Images from a Hub name (`name`) or a local `path` (image folder or save_to_disk directory), square, in [-1, 1].
 
-    Unlabeled data (a flat folder, or label_column=None) yields y = 0 and num_classes = 0.
+    Unlabeled data (a flat folder, or label_column=None) yields y = 0 and num_classes = 0. Validation holds out
+    `val_fraction` of `split`, or is another split (`val_split`, e.g. CIFAR-10's test set, so all 50,000 training
+    images train and give the FID reference). Every image is checked when the data are set up (`damaged`: `error`
+    names every unreadable file; `skip` leaves them out and says how many).
     """
 
     def __init__(self, name: str | None = None, path: str | None = None, split: str = "train",
                  image_column: str = "image", label_column: str | None = "label", num_classes: int | None = None,
                  image_size: int = 32, mode: str = "RGB", hflip: bool = True, cache_dir: str | None = None,
-                 batch_size: int = 128, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.01):
+                 batch_size: int = 128, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.01,
+                 val_split: str | None = None, damaged: str = "error"):
+        if damaged not in ("error", "skip"):
+            raise ValueError(f"damaged={damaged!r}: accepted 'error' (name every unreadable image) or 'skip'")
+        if val_split is not None and val_fraction:
+            raise ValueError(f"val_split={val_split!r} and val_fraction={val_fraction}: validate on a split or on a "
+                             "held-out fraction, not both (set data.val_fraction=0 with a val_split)")
         if (name is None) == (path is None):
             raise ValueError(f"name={name!r}, path={path!r}: give exactly one, a Hugging Face Hub dataset name "
                              f"or a local {LOCAL_HINT}")
@@ -100,6 +137,7 @@ class ImageDataModule(DiffusionDataModule):
             raise ValueError(f"image_size={image_size!r}: need an int >= 1")
         super().__init__(batch_size, num_workers, seed, val_fraction, hflip)
         self.name, self.path, self.split, self.cache_dir = name, path, split, cache_dir
+        self.val_split, self.damaged = val_split, damaged
         self.image_column, self.image_size, self.mode = image_column, image_size, mode
         self.shape = (MODES[mode], image_size, image_size)
         self.classes: list[str] | None = None
@@ -125,44 +163,76 @@ class ImageDataModule(DiffusionDataModule):
             raise ValueError(f"num_classes={num_classes!r} for label_column={label_column!r}: set data.num_classes "
                              f"(an int >= 1), or label_column=null for unlabeled data")
         self.label_column, self.num_classes = label_column, num_classes
+        if name is not None and hub_offline():  # not cached: say so now, not after the network and model are built
+            self._load_hf()
 
-    def _load_saved(self) -> datasets.Dataset:
+    def _load_saved(self, split: str | None = None) -> datasets.Dataset:
+        split = split or self.split
         ds = datasets.load_from_disk(self.path)
         if isinstance(ds, datasets.DatasetDict):
-            if self.split not in ds:
-                raise ValueError(f"split={self.split!r} not in the saved DatasetDict at {self.path!r}: {list(ds)}")
-            ds = ds[self.split]
+            if split not in ds:
+                raise ValueError(f"split={split!r} not in the saved DatasetDict at {self.path!r}: {list(ds)}")
+            ds = ds[split]
         return ds
 
-    def _load_hf(self) -> datasets.Dataset:
+    def _load_hf(self, split: str | None = None) -> datasets.Dataset:
+        split = split or self.split
         if self.name is not None:
             with hub_access(f"the Hub dataset name={self.name!r}", LOCAL_HINT + " (an image folder, class sub-folders "
                             "-> labels, or a datasets.Dataset.save_to_disk directory)"):
-                return datasets.load_dataset(self.name, split=self.split, cache_dir=self.cache_dir)
+                return datasets.load_dataset(self.name, split=split, cache_dir=self.cache_dir)
         if self.classes is None:
-            return self._load_saved()
+            return self._load_saved(split)
+        if split != self.split:
+            raise ValueError(f"val_split={split!r}: an image folder has one split; give a saved dataset or Hub name, "
+                             "or validate on a held-out val_fraction")
         return datasets.load_dataset("imagefolder", data_dir=self.path, split="train", cache_dir=self.cache_dir)
 
     def prepare_data(self) -> None:
         self._load_hf()  # download (Hub) or build the Arrow cache (folder) once; loaded again in setup
+        if self.val_split is not None:
+            self._load_hf(self.val_split)
 
-    def load(self) -> HFImages:
-        ds = self._load_hf()
-        where = self.name or self.path
+    def load(self) -> Dataset:
+        return self._images(self.split)
+
+    def load_held_out(self) -> Dataset | None:
+        return None if self.val_split is None else self._images(self.val_split)
+
+    def _images(self, split: str) -> Dataset:
+        """A split as (x, y) pairs, its labels checked, its damaged images refused (or left out)."""
+        ds = self._load_hf(split)
+        where = f"{self.name or self.path} (split {split!r})"
         if len(ds) == 0:
-            raise ValueError(f"the dataset at {where!r} (split {self.split!r}) is empty")
+            raise ValueError(f"the dataset at {where} is empty")
         for column in (self.image_column, self.label_column):
             if column is not None and column not in ds.column_names:
-                raise ValueError(f"column {column!r} not in the dataset at {where!r}; columns: {ds.column_names}")
+                raise ValueError(f"column {column!r} not in the dataset at {where}; columns: {ds.column_names}")
         if self.classes is not None and self.classes and ds.features["label"].names != self.classes:
             raise ValueError(f"imagefolder labels {ds.features['label'].names} differ from the sub-folders "
-                             f"{self.classes} of {where!r}")
+                             f"{self.classes} of {where}")
         if self.label_column is not None:
             labels = np.asarray(ds[self.label_column])
             bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
             if len(bad):
                 i = int(bad[0])
                 image = ds.cast_column(self.image_column, datasets.Image(decode=False))[i][self.image_column]
-                raise ValueError(f"label {labels[i]} of row {i} ({image.get('path') or 'in memory'}) in {where!r} is "
+                raise ValueError(f"label {labels[i]} of row {i} ({image.get('path') or 'in memory'}) in {where} is "
                                  f"outside 0..{self.num_classes - 1} (num_classes={self.num_classes})")
-        return HFImages(ds, self.image_column, self.label_column, self.image_size, self.mode)
+        images = HFImages(ds, self.image_column, self.label_column, self.image_size, self.mode)
+        return self._without_damaged(images, where)
+
+    def _without_damaged(self, images: HFImages, where: str) -> Dataset:
+        rows = (r[self.image_column] for batch in images.ds.iter(batch_size=512) for r in _rows(batch))
+        bad = damaged_images(rows, len(images), where)
+        if not bad:
+            return images
+        listed = "; ".join(f"{name}: {fault}" for _, name, fault in bad[:20]) + (
+            f"; ... ({len(bad) - 20} more)" if len(bad) > 20 else "")
+        if self.damaged == "error":
+            raise ValueError(f"{len(bad)} of {len(images)} images of {where} cannot be read: {listed}. Replace them, "
+                             "or set data.damaged=skip to leave them out")
+        rank_zero_warn(f"left out {len(bad)} of {len(images)} images of {where} that cannot be read "
+                       f"(data.damaged=skip): {listed}")
+        bad_rows = {i for i, _, _ in bad}
+        return Subset(images, [i for i in range(len(images)) if i not in bad_rows])

@@ -89,7 +89,9 @@ class DiffusionModel(L.LightningModule):
         self.first_stage, self.latent_cache = first_stage, latent_cache
 
     def dry_run(self, shape: Sequence[int]) -> None:
-        """One pass of the chosen noise levels, weighting and denoiser on two zero samples (their errors surface here)."""
+        """One pass of the chosen noise levels, weighting and denoiser on two zero samples, and the sampling grid on
+        the process (their errors surface here, not after training)."""
+        self.grid(self.process)
         t = self.noise_levels(torch.tensor([0.25, 0.75], dtype=torch.float64), self.process)
         self.weighting(t, self.process)
         labels = torch.full((2,), self.num_classes) if self.num_classes else None
