@@ -1,5 +1,11 @@
 """Train any family on any data: `python -m lightning_diffusion.train [group=option] [key=value]`."""
 
+if __name__ == "__main__":  # the process of `python -m`: SIGTERM / SIGUSR1 recorded before the slow imports below
+    from lightning_diffusion.lightning.early_signals import record_from_now
+
+    record_from_now()
+
+import sys  # noqa: E402 (after the signal recorder, on purpose)
 from pathlib import Path
 
 import hydra
@@ -8,8 +14,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from .lightning.builder import build
-from .lightning.checkpoints import check_same_run, resolve_ckpt_path, save_run_config
+from .lightning.checkpoints import check_same_run, link_latest, resolve_ckpt_path, save_run_config
 from .lightning.distributed import collectives_watched
+from .lightning.early_signals import record_from_now
+from .lightning.errors import ConfigError
+from .lightning.sweep_runner import job_overrides
 from .lightning.tracking import register_resolvers
 
 register_resolvers()
@@ -18,13 +27,17 @@ register_resolvers()
 def train(cfg: DictConfig) -> dict:
     """Fit, then return the final metrics (the callbacks write samples, checkpoints and metrics.json to run_dir)."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, model, trainer = build(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.run_dir))
+    if cfg.trainer.get("max_steps") == 0 and not ckpt_path:
+        raise ConfigError("trainer.max_steps=0 trains nothing: with ckpt_path=<a checkpoint> it only draws that "
+                          "checkpoint's final samples (sweeps/sampler_x_nfe.yaml); to train, give -1 or an int >= 1")
+    datamodule, model, trainer = build(cfg)
     if ckpt_path:
         check_same_run(cfg, Path(cfg.run_dir))  # before config.yaml is overwritten
         rank_zero_info(f"resuming from {ckpt_path}")
     if trainer.is_global_zero:
         save_run_config(cfg, cfg.run_dir)
+        link_latest(cfg.run_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     with collectives_watched(str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")):
@@ -36,8 +49,16 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     train(cfg)
+
+
+def main() -> None:
+    """The command line, with the job's overrides for every run it starts appended (LIGHTNING_DIFFUSION_OVERRIDES:
+    sweep trials under `wandb agent` or the offline runner get the allocation's trainer this way)."""
+    record_from_now()  # again for the `ld-train` script, which imports this module first
+    sys.argv += job_overrides(consume=True)
+    hydra_main()
 
 
 if __name__ == "__main__":

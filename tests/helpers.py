@@ -119,3 +119,13 @@ class SlowValidation(L.Callback):
         if not trainer.sanity_checking:
             Path(trainer.default_root_dir, "validating").touch()
             time.sleep(self.seconds)
+
+
+class SlowSteps(L.Callback):
+    """For subprocess runs: every training step takes `seconds` longer, so a run lasts as long on any machine."""
+
+    def __init__(self, seconds: float = 0.1):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, *args):
+        time.sleep(self.seconds)

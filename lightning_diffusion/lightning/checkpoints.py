@@ -1,6 +1,7 @@
 """Checkpoints and run directories: writing them atomically, finding and checking them, and reading a trained model
 (or a frozen first stage, or a post-hoc EMA) back from a checkpoint plus the resolved config.yaml of its run."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,12 +16,27 @@ from .artifacts import atomic_write
 from .errors import ConfigError
 
 CONFIG_NAME = "config.yaml"
+LATEST = "latest"
 
 
 def save_run_config(cfg: DictConfig, run_dir) -> Path:
     """Write the fully resolved config to <run_dir>/config.yaml (what `load_model` and `tables` read back)."""
     path = Path(run_dir) / CONFIG_NAME
     return atomic_write(path, lambda tmp: OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), tmp))
+
+
+def link_latest(run_dir) -> Path:
+    """Point `<parent>/latest` at the run directory (a relative symlink swapped in atomically, like W&B's
+    `latest-run`): "the run just trained" has a name, runs/<name>/latest, that commands and sweep files can default
+    to. A real folder of that name is left alone."""
+    run_dir = Path(run_dir).absolute()
+    link = run_dir.parent / LATEST
+    if run_dir.name != LATEST and (link.is_symlink() or not link.exists()):
+        tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    return link
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,7 +3,7 @@
 Types: the schema of a node with a `_target_` is the signature of the class or function it names (its annotations,
 or the type of a parameter's default where there is no annotation): an int where an int is declared (not 1.5, not
 True), a bool where a bool is (not 'no', not {}), a float that is a number (not nan), a list where a list is.
-Ranges no constructor checks (a learning rate of 0 trains nothing; max_steps=0 trains nothing and says nothing)
+Ranges no constructor checks (a learning rate of 0 trains nothing; a negative grid.steps samples nothing)
 are declared in RANGES below, by dotted key, with what would be accepted. Each fault is a ConfigError naming the key,
 the value and what the schema accepts. Floats are never nan; inf passes the type (EDM's S_tmax = inf) and is refused by
 the ranges of the keys where it means nothing.
@@ -30,7 +30,7 @@ def _positive_int_or(*allowed) -> tuple[Callable, str]:
 RANGES: dict[str, tuple[Callable, str]] = {  # dotted key (fnmatch pattern) -> (accepts value, what is accepted)
     "seed": (lambda v: v >= 0, "an int >= 0"),
     "guidance_scale": (lambda v: v is None or 0 <= v < math.inf, "null (the model's default) or a finite number >= 0"),
-    "trainer.max_steps": _positive_int_or(-1),
+    "trainer.max_steps": _positive_int_or(-1, 0),  # 0: with a checkpoint, only its final samples (train.py)
     "trainer.max_epochs": _positive_int_or(-1, None),
     "trainer.val_check_interval": (lambda v: v is None or v > 0, "null, an int >= 1 (steps) or a fraction in (0, 1]"),
     "trainer.log_every_n_steps": _positive_int_or(),

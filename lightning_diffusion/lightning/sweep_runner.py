@@ -6,6 +6,10 @@ builds it (`${args_no_hyphens}` -> `name=value`), and the entry point runs with 
 directory `<dir>/<trial>/` (extra overrides after `--` are appended to every trial). Its metrics (CSV logs and
 `metrics.json`) are recorded in `<dir>/<trial>/trial.json`, so later draws (bayes) see them.
 
+Every trial also gets the job's own overrides, LIGHTNING_DIFFUSION_OVERRIDES (the sbatch scripts set it, e.g.
+`trainer=slurm`, so a trial trains on the allocation's devices): the entry points append it to their command line,
+under the runner as under `wandb agent`, and trial.json records them with the rest of the command.
+
 Several runners (the elements of a SLURM job array) may share one `--dir`: drawing and recording hold a file lock.
 SIGUSR1 / SIGTERM (preemption) are forwarded to the running trial, which is marked `preempting`; unless it then
 finishes, it stays `preempted` and the next runner to start resumes it first, in the same run directory
@@ -16,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,6 +34,7 @@ from .progress import progress_bar
 from .runs import read_metrics
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # wandb agent's default
+JOB_OVERRIDES = "LIGHTNING_DIFFUSION_OVERRIDES"
 RESUMABLE = ("preempting", "preempted")
 
 
@@ -116,7 +122,8 @@ class SweepDir:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def trials(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*/trial.json"))]
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*/trial.json"))
+                if not p.parent.is_symlink()]  # <dir>/latest is the newest trial again
 
     def save(self, trial: dict) -> None:
         path = self.dir / trial["name"] / "trial.json"
@@ -190,6 +197,14 @@ class TrialProcess:
                 signal.signal(s, handler)
 
 
+def job_overrides(consume: bool = False) -> list[str]:
+    """The job's overrides for every run it starts (LIGHTNING_DIFFUSION_OVERRIDES, shell-quoted); `consume` removes
+    the variable, so that processes the run starts (Lightning's DDP ranks re-run its command line) do not add them
+    twice."""
+    text = os.environ.pop(JOB_OVERRIDES, "") if consume else os.environ.get(JOB_OVERRIDES, "")
+    return shlex.split(text)
+
+
 def trial_env(trial_dir: Path) -> dict:
     """The trial's environment: W&B offline (the point of this runner), no leftover sweep/agent variables."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH")}
@@ -214,7 +229,17 @@ def run_sweep(config, directory, count: int, overrides: list[str] = ()) -> list[
             bar.update(1)
             if trial["signalled"]:  # the job is going away: draw nothing more
                 break
+            if [t["state"] for t in done] == ["failed"] * max_initial_failures():
+                print(f"sweep {directory}: the first {len(done)} trials failed, stopping (as wandb agent does; "
+                      f"their logs: {store.dir}/<trial>/logs/trial.log)", flush=True)
+                break
     return done
+
+
+def max_initial_failures() -> int:
+    """wandb agent's rule: a runner whose first N trials all fail stops (a broken command, a missing checkpoint)
+    instead of failing every trial of the sweep; N from WANDB_AGENT_MAX_INITIAL_FAILURES, default 5 (wandb's)."""
+    return int(os.environ.get("WANDB_AGENT_MAX_INITIAL_FAILURES", 5))
 
 
 def run_trial(store: SweepDir, sweep: dict, owner: dict, overrides) -> dict | None:
@@ -224,7 +249,9 @@ def run_trial(store: SweepDir, sweep: dict, owner: dict, overrides) -> dict | No
         return None
     trial_dir = store.dir / trial["name"]
     argv = build_command(sweep, trial["params"]) + list(overrides) + [f"hydra.run.dir={trial_dir}"]
-    trial["command"] = argv
+    trial |= {"command": argv, "overrides": list(overrides), "job_overrides": job_overrides()}
+    with store.lock():
+        store.save(trial)  # what it runs with, recorded before it runs
     print(f"trial {trial['name']} ({'resumed' if trial.get('resumes') else 'new'}): {' '.join(argv)}", flush=True)
 
     def mark_preempting():

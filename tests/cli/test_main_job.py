@@ -17,7 +17,9 @@ def test_default_job_trains_a_conditional_ddpm_whose_samples_are_digits(tmp_path
     done = subprocess.run([sys.executable, "-m", "lightning_diffusion.train", "trainer.enable_progress_bar=false"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs" / "ddpm-digits").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "runs" / "ddpm-digits").iterdir() if not p.is_symlink()]
+    assert (run_dir.parent / "latest").resolve() == run_dir.resolve()  # what sweeps/sampler_x_nfe.yaml reads
+    assert not (run_dir / "train.log").exists(), "no empty Hydra job log"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["final/classifier_accuracy"] >= 0.8, metrics
     for name in ("config.yaml", "checkpoints/last.ckpt", "samples/final.png", "effective_weighting.png"):

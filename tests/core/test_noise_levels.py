@@ -10,9 +10,9 @@ import torch
 from scipy import stats
 
 from lightning_diffusion.core.noise_levels import (AdaptiveDraw, LossSecondMomentDraw, ladder, log_normal,
-                                              logsnr_density, stratified_draws, uniform_discrete, uniform_draws,
-                                              uniform_time)
-from lightning_diffusion.core.processes import EDMProcess, VESDE, VPSDE, cosine_betas, ddpm
+                                              logsnr_density, spread_logsnr_density, stratified_draws,
+                                              uniform_discrete, uniform_draws, uniform_time)
+from lightning_diffusion.core.processes import EDMProcess, VESDE, VPSDE, cosine_betas, ddpm, linear_betas
 
 
 def gen(seed=0):
@@ -218,6 +218,29 @@ def test_numerical_density_matches_analytic_and_handles_point_masses():
     dens = logsnr_density(functools.partial(ladder, levels=5), ve, grid)
     mass = dens * 0.01
     assert (mass > 0).sum() == 5 and torch.allclose(mass[mass > 0], torch.full((5,), 0.2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("schedule", [linear_betas, cosine_betas], ids=["linear", "cosine"])
+def test_spread_discrete_density_is_the_histogram_of_steps_jittered_within_them(schedule):
+    """DDPM's U{1..T} draw with each step's mass spread over t in [k-1, k]: the histogram of logsnr(k - U(0, 1))
+    (the forward map, not the inverse the function bisects) to Poisson noise, unit mass, and smooth, where the point
+    masses' density is a comb of spikes."""
+    process = ddpm(schedule, T=1000)
+    k = uniform_discrete(uniform_draws(400000, gen(8)), process).to(torch.float64)
+    lam = process.logsnr(k - uniform_draws(len(k), gen(9)).to(torch.float64))
+    edges = torch.linspace(-8, 8, 33, dtype=torch.float64)
+    hist, _ = _histogram_density(lam, edges)
+    fine = torch.linspace(-8, 8, 32 * 40 + 1, dtype=torch.float64)[:-1] + 0.5 * 16 / (32 * 40)
+    spread = spread_logsnr_density(uniform_discrete, process, fine)
+    assert _max_z(hist, spread.reshape(32, 40).mean(1), len(lam), edges) < 5
+    full = torch.linspace(float(process.logsnr(torch.tensor(float(process.T)))) - 1, 25, 20001, dtype=torch.float64)
+    assert abs(float(torch.trapezoid(spread_logsnr_density(uniform_discrete, process, full), full)) - 1) < 1e-2
+    plot_grid = torch.linspace(-6, 6, 301, dtype=torch.float64)
+    smooth, spikes = (f(uniform_discrete, process, plot_grid) for f in (spread_logsnr_density, logsnr_density))
+    assert (smooth.diff().abs() / smooth[1:]).max() < 0.05  # neighbours within 5%: a curve, not a staircase
+    assert (spikes.diff().abs() / spikes[1:].clamp_min(1e-12)).max() > 0.5
+    with pytest.raises(ValueError, match="needs a discrete process"):
+        spread_logsnr_density(uniform_time, VPSDE(), plot_grid)
 
 
 # ---------------------------------------------------------------- bad parameters

@@ -46,7 +46,7 @@ VALUES = {  # key: (good values, bad values)
     "model.label_dropout": ([0.0, 0.2], [1.5, -0.1, "x"]),
     "callbacks.ema.half_life_steps": ([5, 100.0], [0, NAN, -3, "x"]),
     "grid.steps": ([3, 10], [0, -1, 2.5, "x"]),
-    "trainer.max_steps": ([1, 3], [0, INF, -5, "x"]),
+    "trainer.max_steps": ([1, 3], [INF, -5, "x"]),
     "trainer.val_check_interval": ([1, 2], [0, -1, "x"]),
     "guidance_scale": ([None, 1.0], [NAN, INF, -1, "x"]),
     "seed": ([0, 7], [-1, 1.5, "x"]),

@@ -32,7 +32,8 @@ def test_two_process_ddp_run_shares_one_run_directory(tmp_path):
     assert (run_dir / "metrics.json").is_file()
     # one W&B run, whatever the number of processes, and no stray time-stamped run directories
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run"]  # beside it only the link to it
+    assert (tmp_path / "latest").resolve() == run_dir.resolve()
     assert "world_size=2" in done.stdout + done.stderr or "MEMBER: 2/2" in done.stdout + done.stderr
 
 
@@ -152,12 +153,14 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_on_both(tmp_path):
 
 def test_validation_whose_ranks_miss_different_logsnr_bins_does_not_hang(tmp_path):
     """The command that hung in validation (each rank's batch missed other logsnr bins, so the ranks logged other
-    synced metrics and their collectives no longer paired): it finishes, its validation losses per bin logged."""
+    synced metrics and their collectives no longer paired, in the sanity check): it finishes; with one validation
+    after the sanity check added (val_check_interval=15; the sanity check's metrics are never logged), its
+    validation losses per bin are in the log."""
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "lightning_diffusion.train", "trainer=ddp", "logger=csv", "trainer.max_steps=30",
                "data.batch_size=512", "trainer.val_check_interval=1000", "callbacks.final_samples.n_per_class=2",
                "callbacks.final_samples.n_unconditional=16", "trainer.enable_progress_bar=false",
-               f"hydra.run.dir={run_dir}"]
+               "trainer.val_check_interval=15", f"hydra.run.dir={run_dir}"]
     done = subprocess.run(command, cwd=tmp_path, env=entry_point_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-3000:]

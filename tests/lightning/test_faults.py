@@ -70,6 +70,19 @@ def test_a_moved_run_dir_resumes_from_its_newest_checkpoint_by_content(ddpm_run,
     assert resolve_ckpt_path("last", moved) == str(moved / "checkpoints" / "last-v1.ckpt")
 
 
+def test_max_steps_zero_only_samples_a_given_checkpoint(ddpm_run, tmp_path):
+    """max_steps=0 with a checkpoint: nothing trained, its final samples drawn (sweeps/sampler_x_nfe.yaml); without
+    one: refused before anything is built, saying what it would mean."""
+    with pytest.raises(ConfigError, match=r"trainer.max_steps=0 trains nothing: with ckpt_path=<a checkpoint>"):
+        train(compose_config(TINY + ["trainer.max_steps=0"], tmp_path / "fresh"))
+    assert not (tmp_path / "fresh" / "config.yaml").exists()
+    cfg = compose_config(FAST + ["network.channels=16", "trainer.max_steps=0", "callbacks.ema=null", "grid.steps=5",
+                                 "callbacks.final_samples.n_per_class=1", "callbacks.checkpoint=null",
+                                 f"ckpt_path={ddpm_run / 'checkpoints' / 'last.ckpt'}"], tmp_path / "trial")
+    metrics = train(cfg)
+    assert metrics["final/nfe"] == 5 and metrics["final/num_samples"] == 10 and "train/loss" not in metrics
+
+
 def test_a_directory_given_as_ckpt_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"ckpt_path={tmp_path} is a directory: give a checkpoint file"):
         resolve_ckpt_path(str(tmp_path), tmp_path)

@@ -125,3 +125,29 @@ def test_a_signal_in_a_slow_validation_stops_within_a_batch(signum, tmp_path):
     run(tmp_path, "trainer.val_check_interval=20", "trainer.limit_val_batches=2", "data.val_fraction=0.9",
         "callbacks.checkpoint.every_n_train_steps=100")
     assert state(tmp_path)[0] == STEPS
+
+
+def catches(pid: int, *signums: int) -> bool:
+    """Whether the process has handlers for all of `signums` (Linux: the SigCgt mask of /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return all(mask >> (s - 1) & 1 for s in signums)
+
+
+def test_a_signal_while_the_process_starts_stops_it_at_the_first_stop_point(tmp_path):
+    """SIGUSR1 as soon as the entry point records signals (before torch is imported, long before fit): not the
+    default action's death, but a stop at the first stop point (the sanity check's first validation batch), with
+    last.ckpt written at step 0 and exit code 128 + 10; the same command then trains to the end."""
+    env = entry_point_env(OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
+    proc = subprocess.Popen(ARGS + [f"hydra.run.dir={tmp_path}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not catches(proc.pid, signal.SIGTERM, signal.SIGUSR1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the entry point never recorded signals"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    code, err = proc.wait(timeout=300), proc.stderr.read()
+    assert code == 128 + signal.SIGUSR1 and "stopped by a signal at step 0" in err, err[-3000:]
+    assert state(tmp_path)[0] == 0
+    run(tmp_path)
+    assert state(tmp_path)[0] == STEPS

@@ -3,17 +3,20 @@
 Every sweep file is checked twice: against W&B's own sweep schema (the `sweeps` package the W&B server runs), and
 against the Hydra config of the entry point its `command:` block runs (each parameter a real override, each legal
 value composing and building: weightings evaluate, samplers sample). Then the offline runner draws, runs and
-records trials, resumes a preempted one, and runs a three-trial bayes sweep end to end with W&B offline.
+records trials, resumes a preempted one, stops after failing first trials, and runs every sweep command of the
+README as written (one trial each, a few steps) with W&B offline.
 """
 
 import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,25 +200,93 @@ def test_preempted_trial_is_resumed_by_the_next_runner(tmp_path):
     assert again[0]["resumes"] == 1
 
 
+def test_trial_json_records_every_override_and_the_latest_link_is_not_a_trial(tmp_path, monkeypatch):
+    """The command, the overrides after `--` and the job's own (LIGHTNING_DIFFUSION_OVERRIDES) are in trial.json,
+    written before the trial runs; `<dir>/latest` (the train entry's link to the run it trained) is no trial."""
+    script = ("import json, os, pathlib, sys; d = pathlib.Path(sys.argv[-1].split('=', 1)[1]); "
+              "d.mkdir(parents=True, exist_ok=True); (d.parent / 'latest').symlink_to(d.name); "
+              "(d / 'metrics.json').write_text(json.dumps({'seen': os.environ['LIGHTNING_DIFFUSION_OVERRIDES']}))")
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({"method": "grid", "parameters": {"a": {"values": [1, 2]}},
+                                      "command": ["${env}", "${interpreter}", "-c", script, "${args_no_hyphens}"]}))
+    monkeypatch.setenv(S.JOB_OVERRIDES, "trainer=slurm 'model.optimizer.lr=0.002'")
+    (first,) = S.run_sweep(config, tmp_path / "sweep", count=1, overrides=["trainer.max_steps=4"])
+    saved = json.loads((tmp_path / "sweep" / "0000" / "trial.json").read_text())
+    assert saved["overrides"] == ["trainer.max_steps=4"]
+    assert saved["job_overrides"] == ["trainer=slurm", "model.optimizer.lr=0.002"]
+    assert saved["command"][-2:] == ["trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'sweep' / '0000'}"]
+    assert saved["summary"]["seen"] == "trainer=slurm 'model.optimizer.lr=0.002'"  # the trial's environment has it
+    store = S.SweepDir(tmp_path / "sweep", yaml.safe_load(config.read_text()))
+    assert [t["name"] for t in store.trials()] == ["0000"] and (tmp_path / "sweep" / "latest").is_symlink()
+
+
+def test_a_runner_whose_first_trials_all_fail_stops(tmp_path, monkeypatch, capsys):
+    """wandb agent's rule: after WANDB_AGENT_MAX_INITIAL_FAILURES failed trials in a row from the start, stop."""
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({"method": "grid", "parameters": {"a": {"values": list(range(10))}},
+                                      "command": ["${env}", "${interpreter}", "-c", "import sys; sys.exit(2)",
+                                                  "${args_no_hyphens}"]}))
+    monkeypatch.setenv("WANDB_AGENT_MAX_INITIAL_FAILURES", "2")
+    trials = S.run_sweep(config, tmp_path / "sweep", count=10)
+    assert [t["state"] for t in trials] == ["failed", "failed"] and trials[0]["returncode"] == 2
+    assert "the first 2 trials failed, stopping" in capsys.readouterr().out
+    monkeypatch.delenv("WANDB_AGENT_MAX_INITIAL_FAILURES")
+    assert S.max_initial_failures() == 5  # wandb agent's default
+
+
+# ---- the README's sweep commands, as written -------------------------------------------------------------------
+TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.batch_size=16",
+        "network.channels=16",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.sample_grid.n=4",
+        "callbacks.final_samples.n_per_class=1", "callbacks.checkpoint.every_n_train_steps=2", "grid.steps=5"]
+# what each README command is shrunk to (a sweep's --count becomes 1): every sweep file the README names needs one
+BUDGET = {"train": TINY, "weightings_digits": TINY, "schedule_x_weighting": TINY, "min_snr_gamma": TINY,
+          "sampler_x_nfe": ["network.channels=16", "callbacks.final_samples.n_per_class=1"], "posthoc_ema": []}
+
+
+def readme_sweep_lines() -> list[str]:
+    """The README's command lines that run or read a sweep, in order."""
+    lines = [line.split("  #")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()]
+    return [line for line in lines if line.startswith("python -m lightning_diffusion.")
+            and ("lightning_diffusion.sweep " in line or "tables runs/sweeps/" in line)]
+
+
+def shrunk(argv: list[str]) -> tuple[list[str], Path | None, str | None]:
+    """(the command at a small budget, the sweep directory it fills, its sweep file's stem) for one README command."""
+    module, args = argv[2], argv[3:]
+    if module == "lightning_diffusion.train":
+        extra = ["callbacks.posthoc_ema.snapshot_every=2"] if "callbacks=posthoc_ema" in args else []
+        return [sys.executable, "-m", module, *args, *BUDGET["train"], *extra], None, None
+    if module != "lightning_diffusion.sweep":
+        return [sys.executable, "-m", module, *args], None, None
+    stem = Path(args[args.index("--config") + 1]).stem
+    args = [*args, *([] if "--" in args else ["--"]), *BUDGET[stem]]
+    args[args.index("--count") + 1] = "1"
+    directory = Path(args[args.index("--dir") + 1]) if "--dir" in args else Path("runs", "sweeps", stem)
+    return [sys.executable, "-m", module, *args], directory, stem
+
+
 @pytest.mark.slow
-def test_three_trial_bayes_sweep_end_to_end_offline(tmp_path):
-    """`python -m lightning_diffusion.sweep` with the real min-SNR sweep, shrunk to a few steps per trial."""
-    tiny = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.sample_grid.n=4",
-            "callbacks.final_samples.n_per_class=1", "callbacks.checkpoint.every_n_train_steps=2",
-            "grid.steps=5"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
-    out = subprocess.run([sys.executable, "-m", "lightning_diffusion.sweep", "--config",
-                          str(ROOT / "sweeps" / "min_snr_gamma.yaml"), "--dir", str(tmp_path / "sweep"), "--count",
-                          "3", "--", *tiny], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    trials = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/trial.json"))]
-    assert [t["state"] for t in trials] == ["finished"] * 3
-    gammas = [t["params"]["model.weighting.gamma"] for t in trials]
-    assert len(set(gammas)) == 3 and all(0.5 <= g <= 20.0 for g in gammas)
-    for t in trials:
-        run_dir = tmp_path / "sweep" / t["name"]
-        assert 0.0 <= t["summary"]["final/classifier_accuracy"] <= 1.0 and "train/loss" in t["summary"]
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        assert config["model"]["weighting"]["gamma"] == t["params"]["model.weighting.gamma"]
-        assert list(run_dir.glob("wandb/offline-run-*")), "W&B ran offline in the trial's run directory"
+def test_readme_sweep_commands_run_as_written(tmp_path):
+    """Every README line that runs a sweep (and the tables of one), from a fresh working directory, one trial each
+    at a few steps: the offline runner end to end, the sampler sweep on the run the line trained (runs/<name>/latest),
+    the post-hoc EMA sweep on a run with snapshots."""
+    lines = readme_sweep_lines()
+    assert len([line for line in lines if "lightning_diffusion.sweep " in line]) >= 5, lines
+    (tmp_path / "sweeps").symlink_to(ROOT / "sweeps")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))} | {"PYTHONWARNINGS": "ignore"}
+    for line in lines:
+        for part in line.split("&&"):
+            argv, directory, stem = shrunk(shlex.split(part))
+            out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, (part, out.stdout[-3000:], out.stderr[-3000:])
+            if directory is None:
+                continue
+            (trial,) = [json.loads(p.read_text()) for p in sorted((tmp_path / directory).glob("*/trial.json"))
+                        if not p.parent.is_symlink()]
+            assert trial["state"] == "finished", (part, trial)
+            metric = (yaml.safe_load((ROOT / "sweeps" / f"{stem}.yaml").read_text()).get("metric") or {}).get("name")
+            assert metric is None or metric in trial["summary"], (part, trial["summary"])
+    assert (tmp_path / "runs" / "ddpm-digits" / "latest" / "posthoc_ema").is_dir()
+    assert list((tmp_path / "runs" / "ddpm-digits" / "latest" / "checkpoints").glob("posthoc_ema-sigma_rel=*.ckpt"))
+    assert list((tmp_path / "tables").glob("*.md"))

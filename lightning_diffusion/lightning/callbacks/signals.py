@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .. import early_signals
 from ..compat import average_swapped_out, cluster_environment
 
 STOP, REQUEUE = 1, 2  # what the ranks agree on (max over ranks): nothing, stop, or stop and requeue
@@ -75,10 +76,13 @@ class CheckpointOnSignal(L.Callback):
         self.requeue_signal = environment.requeue_signal if requeues else None
         signals = {signal.SIGTERM, self.requeue_signal or signal.SIGUSR1}
         usr1 = signal.getsignal(signal.SIGUSR1)
-        if not requeues and usr1 not in (signal.SIG_DFL, signal.SIG_IGN, None, self._record):
+        if not requeues and usr1 not in (signal.SIG_DFL, signal.SIG_IGN, None, self._record, early_signals.record):
             signals.discard(signal.SIGUSR1)  # someone else's (submitit's)
         for s in signals:
             signal.signal(s, self._record)
+        early = early_signals.take()  # a signal that came while the process started
+        if early is not None and early in signals:
+            self._record(early, None)
 
     def _record(self, signum, _frame):
         if self.received is None:
