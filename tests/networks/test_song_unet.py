@@ -54,6 +54,8 @@ def test_skip_rescale_scales_the_residual_sum():
     block = ResBlock(8, 8, 16, skip_scale=math.sqrt(0.5))
     torch.testing.assert_close(block(x, torch.randn(2, 16)), x * math.sqrt(0.5))
     torch.testing.assert_close(AttnBlock(8, 1, skip_scale=math.sqrt(0.5))(x), x * math.sqrt(0.5))
+    scales = {m.skip_scale for m in tiny().modules() if isinstance(m, (ResBlock, AttnBlock))}
+    assert scales == {math.sqrt(0.5)}  # every residual sum of the network, attention included
 
 
 def test_resampling_blocks_project_the_skip_as_score_sde():

@@ -71,31 +71,29 @@ def unet_kwargs(config: Mapping) -> dict:
                 embedding="positional", embedding_scale=1.0, num_heads=heads.pop())
 
 
+def _side(ours: str, theirs: str, num_levels: int, blocks: int, resampler: str, our_conv: str) -> list[tuple]:
+    """Encoder or decoder: per level, `blocks` (resnet, attention) pairs, then a resampler (none after the last)."""
+    table, k = [], 0
+    for i in range(num_levels):
+        for j in range(blocks):
+            table += [(f"{ours}.{k}.0", f"{theirs}.{i}.resnets.{j}", "resnet"),
+                      (f"{ours}.{k}.1", f"{theirs}.{i}.attentions.{j}", "attention")]
+            k += 1
+        if i < num_levels - 1:
+            table.append((f"{ours}.{k}.0.{our_conv}", f"{theirs}.{i}.{resampler}.0.conv", "plain"))
+            k += 1
+    return table
+
+
 def module_table(num_levels: int, layers: int) -> list[tuple[str, str, str]]:
     """(our module, diffusers' module, kind) for every module of the layout, in our order."""
-    table = [("conv_in", "conv_in", "plain"), ("emb.mlp.0", "time_embedding.linear_1", "plain"),
-             ("emb.mlp.2", "time_embedding.linear_2", "plain")]
-    k = 0
-    for i in range(num_levels):
-        for j in range(layers):
-            table += [(f"down.{k}.0", f"down_blocks.{i}.resnets.{j}", "resnet"),
-                      (f"down.{k}.1", f"down_blocks.{i}.attentions.{j}", "attention")]
-            k += 1
-        if i < num_levels - 1:
-            table.append((f"down.{k}.0.op", f"down_blocks.{i}.downsamplers.0.conv", "plain"))
-            k += 1
-    table += [("mid.0", "mid_block.resnets.0", "resnet"), ("mid.1", "mid_block.attentions.0", "attention"),
-              ("mid.2", "mid_block.resnets.1", "resnet")]
-    k = 0
-    for i in range(num_levels):
-        for j in range(layers + 1):
-            table += [(f"up.{k}.0", f"up_blocks.{i}.resnets.{j}", "resnet"),
-                      (f"up.{k}.1", f"up_blocks.{i}.attentions.{j}", "attention")]
-            k += 1
-        if i < num_levels - 1:
-            table.append((f"up.{k}.0.conv", f"up_blocks.{i}.upsamplers.0.conv", "plain"))
-            k += 1
-    return table + [("norm_out", "conv_norm_out", "plain"), ("conv_out", "conv_out", "plain")]
+    return [("conv_in", "conv_in", "plain"), ("emb.mlp.0", "time_embedding.linear_1", "plain"),
+            ("emb.mlp.2", "time_embedding.linear_2", "plain"),
+            *_side("down", "down_blocks", num_levels, layers, "downsamplers", "op"),
+            ("mid.0", "mid_block.resnets.0", "resnet"), ("mid.1", "mid_block.attentions.0", "attention"),
+            ("mid.2", "mid_block.resnets.1", "resnet"),
+            *_side("up", "up_blocks", num_levels, layers + 1, "upsamplers", "conv"),
+            ("norm_out", "conv_norm_out", "plain"), ("conv_out", "conv_out", "plain")]
 
 
 def _fused_attention(params: dict[str, Tensor]) -> dict[str, Tensor]:
