@@ -10,6 +10,8 @@ from lightning_diffusion.networks.embeddings import ClassEmbedding, PositionalEm
 from lightning_diffusion.networks.layers import AttnBlock, ResBlock
 from network_configs import perturb
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors on a shared CPU: bitwise stable
+
 
 def tiny(**kw):
     args = dict(in_channels=2, image_size=16, channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),

@@ -11,6 +11,8 @@ from lightning_diffusion.networks.mlp import MLP
 from lightning_diffusion.networks.unet import UNet
 from network_configs import NAMES, count, data_shape, network_config, perturb
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors on a shared CPU: bitwise stable
+
 
 def tiny_unet(**kw):
     args = dict(in_channels=1, image_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1,

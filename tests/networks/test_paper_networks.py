@@ -12,6 +12,8 @@ from hydra.utils import instantiate
 
 from network_configs import count, network_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors on a shared CPU: bitwise stable
+
 # config -> (data shape, classes, millions of parameters in the reference, to 0.01M)
 PAPERS = {
     "unet_ddpm_cifar10": ((3, 32, 32), 0, 35.75),        # Ho et al. 2020 (35,746,307 = diffusers', exactly)

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 from lightning_diffusion.networks.resampling import ConvDown, Resample, fir_filter
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors on a shared CPU: bitwise stable
+
 TAPS = [(1, 1), (1, 3, 3, 1), (1, 5, 10, 10, 5, 1)]
 
 

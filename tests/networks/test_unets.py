@@ -14,6 +14,8 @@ from lightning_diffusion.networks.song_unet import SongUNet
 from lightning_diffusion.networks.unet import UNet
 from network_configs import perturb
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors on a shared CPU: bitwise stable
+
 SHARED = dict(in_channels=2, image_size=16, channels=16, channel_mult=(1, 2), attn_resolutions=(8,), dropout=0.0)
 NETWORKS = {
     # 32 channels: DDPM's GroupNorm (gcd(32, C) groups) has one channel per group at 16, where it cancels the embedding
