@@ -62,8 +62,9 @@ EMBEDDINGS = {"positional": PositionalEmbedding, "fourier": FourierEmbedding}
 class ClassEmbedding(nn.Embedding):
     """Class label -> vector; the null label `num_classes` is a learned row, or (learned_null=False) the zero vector.
 
-    A learned null row makes it exactly EDM's SongUNet label map Linear(one-hot) + bias, whose label dropout zeroes the
-    one-hot (null = the bias); a zero null row exactly EDM's DhariwalUNet map, which has no bias (Karras et al. 2022).
+    A learned null row gives it the parameters of EDM's SongUNet label map, Linear(one-hot) + bias, whose null (label
+    dropout's zeroed one-hot) is the bias; a zero null row those of EDM's bias-free DhariwalUNet map (Karras et al.
+    2022). Either is the same function of the label as EDM's.
     """
 
     def __init__(self, num_classes: int, dim: int, learned_null: bool = True):

@@ -112,7 +112,7 @@ class SongUNet(UNetSkeleton):
         # a head per decoder level, lowest resolution first ("skip"), or one on the last level
         self.heads = nn.ModuleList(head(w, self.out_channels, norm) for w in
                                    (reversed(widths) if decoder == "skip" else [ch]))
-        self.head_up = Resample("up", taps)
+        self.head_up = Resample("up", taps) if decoder == "skip" else None
         xavier_init(self)
 
     @staticmethod
