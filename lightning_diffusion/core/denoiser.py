@@ -53,12 +53,13 @@ class Denoiser(nn.Module):
         c_in = self.parameterization.c_in(alpha, sigma)
         return c_skip, c_out, c_in, self.parameterization.c_noise(p, t64)
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None):
-        """D, or `Denoised(D, v)` with learned variances."""
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None, augment_labels: Tensor | None = None):
+        """D, or `Denoised(D, v)` with learned variances; augment_labels (EDM's) reach the network only when given."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = self.coefficients(t)
         dtype = next(self.network.parameters()).dtype
-        out = self.network((expand_to(c_in, x) * x).to(dtype), c_noise.to(dtype), labels).to(x.dtype)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels.to(dtype)}
+        out = self.network((expand_to(c_in, x) * x).to(dtype), c_noise.to(dtype), labels, **extra).to(x.dtype)
         v = None
         if self.learned_variance:
             out, v = out.chunk(2, dim=1)
