@@ -20,6 +20,7 @@ from ...core.processes import Process
 from ...core.samplers import classifier_free_guidance, generate
 from ...networks.first_stage import FirstStage
 from ..data.augment import AugmentPipe
+from .gradient_checkpointing import checkpoint_blocks
 from .logsnr_bins import LogsnrBins
 from .optim import with_linear_warmup
 
@@ -39,6 +40,8 @@ class DiffusionModel(L.LightningModule):
             (each step then draws z from the cached q(z | x)) instead of encoding every batch.
         augment: EDM's non-leaking augmentation of each training batch on the device; its labels condition the
             network (which needs `augment_dim` = the pipe's dim) and are zero (absent) at sampling.
+        compile_network: torch.compile the network in place (nn.Module.compile) when fitting starts.
+        gradient_checkpointing: class names of the network's blocks to recompute in backward (memory for compute).
     """
 
     def __init__(
@@ -65,6 +68,8 @@ class DiffusionModel(L.LightningModule):
         first_stage: FirstStage | None = None,
         latent_cache: bool = False,
         augment: AugmentPipe | None = None,
+        compile_network: bool = False,
+        gradient_checkpointing: Sequence[str] = (),
     ):
         super().__init__()
         if not 0.0 <= label_dropout <= 1.0:
@@ -85,6 +90,8 @@ class DiffusionModel(L.LightningModule):
             if first_stage is not None:
                 raise ValueError("model.augment warps images, but this model diffuses a first stage's latents: use "
                                  "model.augment=null with a first_stage")
+        if gradient_checkpointing:
+            checkpoint_blocks(network, gradient_checkpointing)
         self.denoiser = Denoiser(network, parameterization, process, learned_variance)
         self.process, self.weighting, self.noise_levels = process, weighting, noise_levels
         self.adaptive = isinstance(noise_levels, AdaptiveDraw)  # importance sampling: learns p(t) from the losses
@@ -97,7 +104,7 @@ class DiffusionModel(L.LightningModule):
         self.nonfinite, self.skipped_steps = nonfinite, 0
         self._rank_stream_restored = False
         self.first_stage, self.latent_cache = first_stage, latent_cache
-        self.augment = augment
+        self.augment, self.compile_network, self._compiled = augment, compile_network, False
 
     def dry_run(self, shape: Sequence[int]) -> None:
         """One pass of the chosen noise levels, weighting and denoiser on two zero samples (their errors surface here)."""
@@ -144,6 +151,12 @@ class DiffusionModel(L.LightningModule):
         # dropout, derived deterministically from the shared one (a resumed run has its rank's own state back)
         if self.trainer.world_size > 1 and not self._rank_stream_restored:
             torch.manual_seed(int(torch.randint(2**62, (1,))) + self.global_rank)
+
+    def setup(self, stage: str) -> None:
+        # after the callbacks' setup (the EMA's copy stays eager: it is only evaluated); once per fit / validate / test
+        if self.compile_network and not self._compiled:
+            self.denoiser.network.compile()
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         if self.latent_cache:
