@@ -1,0 +1,239 @@
+"""GPU training throughput: our step against a hand-written loop of the same network, and the data loader alone.
+
+    python benchmarks/gpu_throughput.py [--budget 270] [--quick] [hydra overrides...]
+
+The recipe is `experiment=edm_cifar10` (DDPM++, batch 512, EDM's loss) under trainer=gpu (bf16-mixed); overrides
+change it (e.g. network=..., data.batch_size=...). Variants, interleaved round by round (medians of rounds):
+  ours          the recipe's DiffusionModel under the Lightning Trainer: EMA, LR warm-up, logging, the recipe's
+                callbacks minus sampling and checkpoint writing; augmentation off, and on (the recipe's p);
+                eager, and compiled (model.compile_network=true)
+  hand          the same network (same config and initialisation) in a minimal loop: EDM's preconditioned loss
+                under bf16 autocast, Adam, LambdaLR warm-up, EMA by torch._foreach_lerp_; eager, and compiled
+  loader        the recipe's ImageDataModule over a synthetic CIFAR-sized folder of PNGs (class sub-folders) with
+                the recipe's workers and batch, nothing else running
+The two step variants read the same in-memory batches, so their ratio is the step's overhead alone (goal <= 5%);
+the loader's images/s against our step's say whether decoding keeps up (goal >= 3x). Steps are timed between
+CUDA synchronisations around a window after warm-up steps (compilation falls in the warm-up). Whatever does not run
+(no CUDA, the time budget spent, a network without augmentation labels) is listed with its reason.
+--quick runs a few steps at batch 8 on the CPU (for rot, not numbers); compilation is left out there.
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from _common import compose, header, interleaved, median, quiet, table
+from lightning_diffusion.lightning.builder import build
+
+CUDA = torch.cuda.is_available()
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny run for CI (for rot, not for numbers)")
+    parser.add_argument("--budget", type=float, default=270.0, help="seconds; variants not started by then are listed")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides of the recipe")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet()
+    return args
+
+
+def sync() -> float:
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class Window(L.Callback):
+    """Seconds per step over steps (warmup, last], between CUDA synchronisations."""
+
+    def __init__(self, warmup: int, last: int):
+        self.warmup, self.last, self.seconds = warmup, last, None
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.warmup:
+            self.start = sync()
+        elif trainer.global_step == self.last:
+            self.seconds = (sync() - self.start) / (self.last - self.warmup)
+
+
+def recipe(overrides: list[str], steps: int, run_dir: str, extra=()):
+    return compose(["experiment=edm_cifar10", f"trainer={'gpu' if CUDA else 'cpu'}", "trainer.precision=bf16-mixed",
+                    "logger=csv", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
+                    "+trainer.num_sanity_val_steps=0", "~callbacks.sample_grid", "~callbacks.final_samples",
+                    "~callbacks.checkpoint", *overrides, *extra], run_dir)
+
+
+def batches(cfg, n: int, seed: int = 0):
+    """n in-memory (x, y) batches of the recipe's shape, as a loader gives them (CPU tensors), for both loops."""
+    g = torch.Generator().manual_seed(seed)
+    shape, b = (3, cfg.data.image_size, cfg.data.image_size), cfg.data.batch_size
+    return [(torch.rand(b, *shape, generator=g) * 2 - 1, torch.randint(0, 10, (b,), generator=g)) for _ in range(n)]
+
+
+def run_ours(overrides, data, warmup: int, timed: int, extra=()) -> float:
+    with tempfile.TemporaryDirectory() as run_dir:
+        torch.manual_seed(0)
+        _, model, trainer = build(recipe(overrides, warmup + timed, run_dir, extra))
+        window = Window(warmup, warmup + timed)
+        trainer.callbacks.append(window)
+        trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=None))  # the batches as they are
+        return window.seconds
+
+
+class HandLoop:
+    """EDM's step written out (Karras et al. 2022, Table 1): D = c_skip x + c_out F(c_in x, ln(sigma) / 4), weight
+    (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, ln sigma ~ N(-1.2, 1.2^2); Adam, warm-up, EMA."""
+
+    def __init__(self, cfg, compiled: bool):
+        torch.manual_seed(0)
+        self.device = torch.device("cuda" if CUDA else "cpu")
+        self.net = instantiate(cfg.network).to(self.device)
+        if compiled:
+            self.net.compile()
+        self.params = list(self.net.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=cfg.model.optimizer.lr, betas=(0.9, 0.999), eps=1e-8)
+        warmup = cfg.model.lr_warmup_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warmup))
+        self.ema = [p.detach().clone() for p in self.params]
+        self.half_life, self.ramp, self.n = cfg.callbacks.ema.half_life_steps, cfg.callbacks.ema.ramp, 0
+        self.conditional = cfg.conditional
+
+    def loss(self, x0, y, sigma_data: float = 0.5):
+        sigma = (-1.2 + 1.2 * torch.randn(x0.shape[0], device=self.device)).exp()
+        s = sigma.view(-1, 1, 1, 1)
+        norm = (s**2 + sigma_data**2).sqrt()
+        x = x0 + s * torch.randn_like(x0)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            F_x = self.net(x / norm, sigma.log() / 4, y if self.conditional else None).float()
+        D = (sigma_data**2 / norm**2) * x + (s * sigma_data / norm) * F_x
+        weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+        return (weight * ((D - x0) ** 2).flatten(1).mean(1)).mean()
+
+    def step(self, x0, y):
+        loss = self.loss(x0.to(self.device), y.to(self.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        decay = 0.5 ** (1.0 / max(min(self.half_life, self.ramp * self.n), 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
+        self.n += 1
+
+    def run(self, data, warmup: int, timed: int) -> float:
+        for i in range(warmup):
+            self.step(*data[i % len(data)])
+        start = sync()
+        for i in range(warmup, warmup + timed):
+            self.step(*data[i % len(data)])
+        return (sync() - start) / timed
+
+
+def png_folder(root: Path, n: int, size: int = 32, classes: int = 10) -> Path:
+    """n random RGB PNGs of size x size in `classes` sub-folders (CIFAR-10's layout and file sizes)."""
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / str(i % classes) / f"{i}.png")
+    return root
+
+
+def loader_rate(cfg, folder: Path, cache: Path, batches_timed: int) -> float:
+    """Images/s of the recipe's train loader alone (after its first batch: workers started)."""
+    datamodule = instantiate(cfg.data, name=None, path=str(folder), image_column="image", cache_dir=str(cache))
+    loader = iter(datamodule.train_dataloader())
+    next(loader)
+    start = time.perf_counter()
+    for _ in range(batches_timed):
+        next(loader)
+    return batches_timed * cfg.data.batch_size / (time.perf_counter() - start)
+
+
+def main():
+    args = arguments()
+    header("GPU training throughput: ours vs a hand-written loop of the same network, and the loader alone", args.quick)
+    deadline = time.perf_counter() + args.budget
+    warmup, timed, rounds = (1, 2, 1) if args.quick else (10, 30, 2)
+    overrides = (["data.batch_size=8"] if args.quick else []) + args.overrides
+    not_run = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = recipe(overrides, warmup + timed, run_dir)
+        _, model, _ = build(cfg)  # fills cfg.data_meta, which the hand loop's network reads
+    data = batches(cfg, 4)
+    params = sum(p.numel() for p in model.denoiser.network.parameters()) / 1e6
+    network, batch, augment = type(model.denoiser.network).__name__, cfg.data.batch_size, cfg.model.get("augment")
+    del model
+
+    kinds = ["eager", "compiled"]
+    if args.quick:
+        not_run["compiled (ours, hand)"] = "--quick: compilation takes minutes on a CPU; run without --quick"
+        kinds = ["eager"]
+    variants = {}
+    for kind in kinds:
+        flags = ["model.augment=null"] + (["model.compile_network=true"] if kind == "compiled" else [])
+        variants[f"ours {kind}"] = lambda f=flags: run_ours(overrides, data, warmup, timed, f)
+        loop = HandLoop(cfg, compiled=kind == "compiled")
+        variants[f"hand {kind}"] = lambda h=loop: h.run(data, warmup, timed)
+    if augment is not None:
+        variants["ours eager augmented"] = lambda: run_ours(overrides, data, warmup, timed)
+    else:
+        not_run["ours with augmentation"] = "model.augment is null (this network takes no augmentation labels)"
+
+    def within_budget(name, fn):
+        def run():
+            if time.perf_counter() > deadline:
+                not_run[name] = f"the --budget of {args.budget:.0f} s was spent"
+                return None
+            return fn()
+        return run
+
+    timings = interleaved({k: within_budget(k, fn) for k, fn in variants.items()}, rounds)
+    seconds = {k: median([t for t in v if t is not None]) for k, v in timings.items() if any(t is not None for t in v)}
+    for name in seconds:
+        not_run.pop(name, None)  # ran in an earlier round
+    rate = {k: batch / v for k, v in seconds.items()}
+
+    rows = []
+    for kind in ("eager", "compiled"):
+        ours, hand = rate.get(f"ours {kind}"), rate.get(f"hand {kind}")
+        if ours and hand:
+            overhead = hand / ours - 1
+            rows.append([kind, ours, hand, f"{100 * overhead:+.1f}%", "met" if overhead <= 0.05 else "missed"])
+    if "ours eager augmented" in rate and "ours eager" in rate:
+        rows.append([f"eager, augmentation p={augment.p}", rate["ours eager augmented"], "-",
+                     f"{100 * (rate['ours eager'] / rate['ours eager augmented'] - 1):+.1f}% vs ours without", "-"])
+    device = torch.cuda.get_device_name() if CUDA else "CPU"
+    table(f"training step: {network} ({params:.1f}M parameters), batch {batch}, bf16-mixed, {device}, "
+          f"{timed} timed steps after {warmup} x {rounds} interleaved rounds",
+          ["variant", "ours images/s", "hand loop images/s", "overhead (hand / ours - 1)", "goal <= 5%"], rows)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n = 64 if args.quick else 10_000
+        folder = png_folder(Path(tmp) / "images", n, cfg.data.image_size)
+        if time.perf_counter() < deadline:
+            images_per_s = loader_rate(cfg, folder, Path(tmp) / "cache", min(n // batch - 2, 15))
+            ours = rate.get("ours eager augmented") or rate.get("ours eager")
+            table(f"data loader alone: ImageDataModule over {n} PNGs ({cfg.data.image_size}x{cfg.data.image_size}), "
+                  f"batch {batch}", ["loader", "workers", "images/s", "x our eager step", "goal >= 3x"],
+                  [["decode + collate", cfg.data.num_workers, images_per_s, images_per_s / ours,
+                    "met" if images_per_s >= 3 * ours else "missed"]])
+        else:
+            not_run["data loader alone"] = f"the --budget of {args.budget:.0f} s was spent"
+    if not_run:
+        table("not run", ["variant", "why"], [[k, v] for k, v in not_run.items()])
+
+
+if __name__ == "__main__":
+    main()
