@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from _common import compose, header, interleaved, median, quiet, table
 from lightning_diffusion.lightning.builder import build
+from lightning_diffusion.lightning.callbacks import EMA
 
 CUDA = torch.cuda.is_available()
 
@@ -105,7 +106,7 @@ class HandLoop:
         warmup = cfg.model.lr_warmup_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warmup))
         self.ema = [p.detach().clone() for p in self.params]
-        self.half_life, self.ramp, self.n = cfg.callbacks.ema.half_life_steps, cfg.callbacks.ema.ramp, 0
+        self.ema_decay, self.n = EMA(cfg.callbacks.ema.half_life_steps, cfg.callbacks.ema.ramp).decay, 0
         self.conditional = cfg.conditional
 
     def loss(self, x0, y, sigma_data: float = 0.5):
@@ -120,14 +121,12 @@ class HandLoop:
         return (weight * ((D - x0) ** 2).flatten(1).mean(1)).mean()
 
     def step(self, x0, y):
-        loss = self.loss(x0.to(self.device), y.to(self.device))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.loss(x0.to(self.device), y.to(self.device)).backward()
         self.opt.step()
         self.sched.step()
-        decay = 0.5 ** (1.0 / max(min(self.half_life, self.ramp * self.n), 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
+        with torch.no_grad():  # the EMA callback's decay, its half-life ramped from step 0
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - self.ema_decay(self.n))
         self.n += 1
 
     def run(self, data, warmup: int, timed: int) -> float:
@@ -167,7 +166,6 @@ def main():
     deadline = time.perf_counter() + args.budget
     warmup, timed, rounds = (1, 2, 1) if args.quick else (10, 30, 2)
     overrides = (["data.batch_size=8"] if args.quick else []) + args.overrides
-    not_run = {}
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = recipe(overrides, warmup + timed, run_dir)
         _, model, _ = build(cfg)  # fills cfg.data_meta, which the hand loop's network reads
@@ -175,62 +173,68 @@ def main():
     params = sum(p.numel() for p in model.denoiser.network.parameters()) / 1e6
     network, batch, augment = type(model.denoiser.network).__name__, cfg.data.batch_size, cfg.model.get("augment")
     del model
+    not_run, rate = {}, {}
 
-    kinds = ["eager", "compiled"]
-    if args.quick:
-        not_run["compiled (ours, hand)"] = "--quick: compilation takes minutes on a CPU; run without --quick"
-        kinds = ["eager"]
-    variants = {}
-    for kind in kinds:
-        flags = ["model.augment=null"] + (["model.compile_network=true"] if kind == "compiled" else [])
-        variants[f"ours {kind}"] = lambda f=flags: run_ours(overrides, data, warmup, timed, f)
-        loop = HandLoop(cfg, compiled=kind == "compiled")
-        variants[f"hand {kind}"] = lambda h=loop: h.run(data, warmup, timed)
-    if augment is not None:
-        variants["ours eager augmented"] = lambda: run_ours(overrides, data, warmup, timed)
-    else:
-        not_run["ours with augmentation"] = "model.augment is null (this network takes no augmentation labels)"
+    def measure(variants: dict) -> None:
+        """Images/s of each variant (median over interleaved rounds); one not started before the deadline is listed."""
+        def within_budget(fn):
+            def run():
+                if time.perf_counter() > deadline:
+                    return None
+                return fn()
+            return run
+        timings = interleaved({k: within_budget(fn) for k, fn in variants.items()}, rounds)
+        for name, values in timings.items():
+            values = [v for v in values if v is not None]
+            if values:
+                rate[name] = batch / median(values)
+            else:
+                not_run[name] = f"the --budget of {args.budget:.0f} s was spent before it started"
 
-    def within_budget(name, fn):
-        def run():
-            if time.perf_counter() > deadline:
-                not_run[name] = f"the --budget of {args.budget:.0f} s was spent"
-                return None
-            return fn()
-        return run
-
-    timings = interleaved({k: within_budget(k, fn) for k, fn in variants.items()}, rounds)
-    seconds = {k: median([t for t in v if t is not None]) for k, v in timings.items() if any(t is not None for t in v)}
-    for name in seconds:
-        not_run.pop(name, None)  # ran in an earlier round
-    rate = {k: batch / v for k, v in seconds.items()}
-
-    rows = []
-    for kind in ("eager", "compiled"):
-        ours, hand = rate.get(f"ours {kind}"), rate.get(f"hand {kind}")
-        if ours and hand:
-            overhead = hand / ours - 1
-            rows.append([kind, ours, hand, f"{100 * overhead:+.1f}%", "met" if overhead <= 0.05 else "missed"])
-    if "ours eager augmented" in rate and "ours eager" in rate:
-        rows.append([f"eager, augmentation p={augment.p}", rate["ours eager augmented"], "-",
-                     f"{100 * (rate['ours eager'] / rate['ours eager augmented'] - 1):+.1f}% vs ours without", "-"])
-    device = torch.cuda.get_device_name() if CUDA else "CPU"
-    table(f"training step: {network} ({params:.1f}M parameters), batch {batch}, bf16-mixed, {device}, "
-          f"{timed} timed steps after {warmup} x {rounds} interleaved rounds",
-          ["variant", "ours images/s", "hand loop images/s", "overhead (hand / ours - 1)", "goal <= 5%"], rows)
-
+    # first what the goals compare (the loader, the eager step), compilation last: it takes the longest
     with tempfile.TemporaryDirectory() as tmp:
         n = 64 if args.quick else 10_000
         folder = png_folder(Path(tmp) / "images", n, cfg.data.image_size)
-        if time.perf_counter() < deadline:
-            images_per_s = loader_rate(cfg, folder, Path(tmp) / "cache", min(n // batch - 2, 15))
-            ours = rate.get("ours eager augmented") or rate.get("ours eager")
-            table(f"data loader alone: ImageDataModule over {n} PNGs ({cfg.data.image_size}x{cfg.data.image_size}), "
-                  f"batch {batch}", ["loader", "workers", "images/s", "x our eager step", "goal >= 3x"],
-                  [["decode + collate", cfg.data.num_workers, images_per_s, images_per_s / ours,
-                    "met" if images_per_s >= 3 * ours else "missed"]])
-        else:
-            not_run["data loader alone"] = f"the --budget of {args.budget:.0f} s was spent"
+        loader = loader_rate(cfg, folder, Path(tmp) / "cache", min(n // batch - 2, 15))
+    eager = {"ours eager": lambda: run_ours(overrides, data, warmup, timed, ["model.augment=null"]),
+             "hand eager": lambda h=HandLoop(cfg, compiled=False): h.run(data, warmup, timed)}
+    if augment is not None:
+        eager["ours eager augmented"] = lambda: run_ours(overrides, data, warmup, timed)
+    else:
+        not_run["ours eager augmented"] = "model.augment is null (this network takes no augmentation labels)"
+    measure(eager)
+    if args.quick:
+        for name in ("ours compiled", "hand compiled"):
+            not_run[name] = "--quick: compilation takes minutes on a CPU; run without --quick"
+    else:
+        measure({"ours compiled": lambda: run_ours(overrides, data, warmup, timed,
+                                                   ["model.augment=null", "model.compile_network=true"]),
+                 "hand compiled": lambda h=HandLoop(cfg, compiled=True): h.run(data, warmup, timed)})
+    report(rate, not_run, loader, cfg, f"{network} ({params:.1f}M parameters)", augment,
+           f"{timed} timed steps after {warmup}, {rounds} interleaved rounds")
+
+
+def report(rate: dict, not_run: dict, loader: float, cfg, network: str, augment, timing: str) -> None:
+    """The step table (ours vs hand, eager and compiled), the loader table, and what did not run."""
+    rows = []
+    for kind in ("eager", "compiled"):
+        ours, hand = rate.get(f"ours {kind}"), rate.get(f"hand {kind}")
+        overhead = f"{100 * (hand / ours - 1):+.1f}%" if ours and hand else "-"
+        goal = ("met" if hand / ours - 1 <= 0.05 else "missed") if ours and hand else "-"
+        rows.append([kind, ours or "not run", hand or "not run", overhead, goal])
+    if "ours eager augmented" in rate and "ours eager" in rate:
+        cost = rate["ours eager"] / rate["ours eager augmented"] - 1
+        rows.append([f"eager, augmentation p={augment.p}", rate["ours eager augmented"], "-",
+                     f"{100 * cost:+.1f}% vs ours without", "-"])
+    device = torch.cuda.get_device_name() if CUDA else "CPU"
+    batch, size = cfg.data.batch_size, cfg.data.image_size
+    table(f"training step: {network}, batch {batch}, bf16-mixed, {device}, {timing}",
+          ["variant", "ours images/s", "hand loop images/s", "overhead (hand / ours - 1)", "goal <= 5%"], rows)
+    step = rate.get("ours eager augmented") or rate.get("ours eager")
+    table(f"data loader alone: the recipe's ImageDataModule over PNGs ({size}x{size}), batch {batch}",
+          ["loader", "workers", "images/s", "x our eager step", "goal >= 3x"],
+          [["decode + collate", cfg.data.num_workers, loader, loader / step if step else "-",
+            ("met" if loader >= 3 * step else "missed") if step else "-"]])
     if not_run:
         table("not run", ["variant", "why"], [[k, v] for k, v in not_run.items()])
 

@@ -115,12 +115,12 @@ class AugmentPipe:
         labels = labels.detach().to("cpu", torch.float64)
         s = torch.exp2(self.scale_std * labels[:, 2])
         theta = torch.atan2(labels[:, 4], labels[:, 3] + 1)
-        # the stretch: w (cos r, sin r) with r in [-pi/2, pi/2) read back from the label
+        # the stretch: w (cos r, sin r) with r in [-pi/2, pi/2), read back from the label
         a, b = labels[:, 5], labels[:, 6]
         r = torch.atan2(b, a)
-        flip = (r >= math.pi / 2) | (r < -math.pi / 2)
-        r = torch.where(r >= math.pi / 2, r - math.pi, torch.where(r < -math.pi / 2, r + math.pi, r))
-        w = torch.where(flip, -1.0, 1.0) * torch.hypot(a, b)
+        turned = (r >= math.pi / 2) | (r < -math.pi / 2)  # atan2 answered r + pi for this axis: w is negative
+        r = torch.where(turned, r - math.pi * torch.sign(r), r)
+        w = torch.where(turned, -1.0, 1.0) * torch.hypot(a, b)
         stretch = torch.exp2(self.aniso_std * w)
         eye = torch.eye(2, dtype=torch.float64).expand(len(labels), 2, 2)
         # EDM's conventions: rotation R(-theta), stretch R(-r) diag(k, 1/k) R(r)
@@ -131,15 +131,17 @@ class AugmentPipe:
 
     def apply(self, images: Tensor, labels: Tensor) -> Tensor:
         """The augmentation `labels` describe, applied to `images` (B, C, H, W): flips, then the geometric transform."""
-        flips = labels.to(images.device)
+        labels = labels.detach().to("cpu", torch.float64)  # as drawn: the warp's margins need no device sync
+        flips = labels[:, :2].to(images.device, non_blocking=True)
         images = torch.where(flips[:, 0, None, None, None] > 0, images.flip(3), images)
         images = torch.where(flips[:, 1, None, None, None] > 0, images.flip(2), images)
         moved = (labels[:, 2:] != 0).any(1).nonzero().flatten()
         if len(moved) == 0:
             return images
-        G = self.transforms(labels[moved.cpu()], *images.shape[-2:])
+        G = self.transforms(labels[moved], *images.shape[-2:])
+        index = moved.to(images.device, non_blocking=True)
         out = images.clone()
-        out[moved.to(images.device)] = warp(images[moved.to(images.device)], G).to(images.dtype)
+        out[index] = warp(images[index], G).to(images.dtype)
         return out
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
