@@ -187,7 +187,8 @@ def test_augmenting_anything_but_images_is_refused():
 STAND_IN = ["~network", "+network._target_=test_augment.AugmentAwareNet", "+network.channels=${data_meta.channels}",
             "+network.num_classes=${data_meta.num_classes}", "+augment=edm", "model.augment.p=1.0", "data.hflip=false"]
 DIGITS = FAST + ["data=digits", "data.batch_size=16", "trainer.max_steps=6", "trainer.val_check_interval=3",
-                 "callbacks.checkpoint.every_n_train_steps=3", "callbacks.sample_grid=null", "callbacks.final_samples=null",
+                 "callbacks.checkpoint.every_n_train_steps=3", "callbacks.sample_grid=null",
+                 "callbacks.final_samples=null",
                  "trainer.deterministic=true"] + STAND_IN
 
 
