@@ -62,10 +62,10 @@ def test_an_unknown_block_class_is_refused_naming_the_classes():
 
 
 def test_the_model_switch_reaches_the_network(tmp_path):
-    _, model, _ = build(compose_config(["data=digits", "+model.gradient_checkpointing=[ResBlock]"], tmp_path))
+    _, model, _ = build(compose_config(["data=digits", "++model.gradient_checkpointing=[ResBlock]"], tmp_path))
     assert "forward" in vars(model.denoiser.network.mid[0])
     with pytest.raises(ConfigError, match="no module of class"):
-        build(compose_config(["data=digits", "+model.gradient_checkpointing=[Nope]"], tmp_path))
+        build(compose_config(["data=digits", "++model.gradient_checkpointing=[Nope]"], tmp_path))
 
 
 @pytest.mark.slow
@@ -77,7 +77,7 @@ def test_a_compiled_network_trains_as_the_eager_one(tmp_path):
     weights = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        datamodule, model, trainer = build(compose_config(overrides + [f"+model.compile_network={compiled}"],
+        datamodule, model, trainer = build(compose_config(overrides + [f"++model.compile_network={compiled}"],
                                                           tmp_path / str(compiled)))
         trainer.fit(model, datamodule=datamodule)
         assert model._compiled == compiled
