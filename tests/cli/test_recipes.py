@@ -69,7 +69,7 @@ def image_folder(root, size: int, classes: int, per_class: int):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    return {32: image_folder(root / "cifar", 32, 10, 2), 64: image_folder(root / "imagenet", 64, 3, 2)}
+    return {32: image_folder(root / "cifar", 32, 10, 10), 64: image_folder(root / "imagenet", 64, 3, 2)}
 
 
 def recipe_config(recipe: str, folders, run_dir, *extra: str):
@@ -121,16 +121,17 @@ def test_recipe_samples_with_the_papers_nfe(recipe, folders, tmp_path):
 def test_cifar10_recipes_train_on_every_training_image(recipe, folders, tmp_path):
     """No validation share is taken out of the training set: every image trains and is in the FID reference."""
     datamodule = instantiate(recipe_config(recipe, folders, tmp_path).data)
-    assert len(datamodule.train_tensor()) == 20 and len(datamodule.val_dataloader()) == 0
+    assert len(datamodule.train_tensor()) == 100 and len(datamodule.val_dataloader()) == 0
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_builds_at_a_tiny_width(recipe, folders, tmp_path):
     """Composes and passes the builder's checks, its own network included (needs the networks branch's configs)."""
-    _, model, trainer = build(recipe_config(recipe, folders, tmp_path, *tiny(recipe)))
-    assert model.num_classes == (RECIPES[recipe]["conditional"] and (3 if "imagenet" in recipe else 10))
-    assert (model.augment is not None) == bool(RECIPES[recipe]["augment"])
-    assert trainer.max_steps == recipe_config(recipe, folders, tmp_path).trainer.max_steps
+    cfg, paper = recipe_config(recipe, folders, tmp_path, *tiny(recipe)), RECIPES[recipe]
+    max_steps = cfg.trainer.max_steps
+    _, model, trainer = build(cfg)
+    assert model.num_classes == ((3 if "imagenet" in recipe else 10) if paper["conditional"] else 0)
+    assert (model.augment is not None) == bool(paper["augment"]) and trainer.max_steps == max_steps
 
 
 def test_tables_show_every_recipes_paper_column(folders, tmp_path, capsys):
