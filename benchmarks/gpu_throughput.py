@@ -160,10 +160,30 @@ def loader_rate(cfg, folder: Path, cache: Path, batches_timed: int) -> float:
     return batches_timed * cfg.data.batch_size / (time.perf_counter() - start)
 
 
+class Budget:
+    """Runs variants in interleaved rounds while time is left: images/s of each (median over its rounds), and the
+    variants that never started, with why."""
+
+    def __init__(self, deadline: float, seconds: float, rounds: int, batch: int):
+        self.deadline, self.seconds, self.rounds, self.batch = deadline, seconds, rounds, batch
+        self.rate, self.not_run = {}, {}
+
+    def measure(self, variants: dict) -> None:
+        def within(fn):
+            return lambda: None if time.perf_counter() > self.deadline else fn()
+
+        timings = interleaved({name: within(fn) for name, fn in variants.items()}, self.rounds)
+        for name, values in timings.items():
+            values = [v for v in values if v is not None]
+            if values:
+                self.rate[name] = self.batch / median(values)
+            else:
+                self.not_run[name] = f"the --budget of {self.seconds:.0f} s was spent before it started"
+
+
 def main():
     args = arguments()
     header("GPU training throughput: ours vs a hand-written loop of the same network, and the loader alone", args.quick)
-    deadline = time.perf_counter() + args.budget
     warmup, timed, rounds = (1, 2, 1) if args.quick else (10, 30, 2)
     overrides = (["data.batch_size=8"] if args.quick else []) + args.overrides
     with tempfile.TemporaryDirectory() as run_dir:
@@ -173,24 +193,7 @@ def main():
     params = sum(p.numel() for p in model.denoiser.network.parameters()) / 1e6
     network, batch, augment = type(model.denoiser.network).__name__, cfg.data.batch_size, cfg.model.get("augment")
     del model
-    not_run, rate = {}, {}
-
-    def measure(variants: dict) -> None:
-        """Images/s of each variant (median over interleaved rounds); one not started before the deadline is listed."""
-        def within_budget(fn):
-            def run():
-                if time.perf_counter() > deadline:
-                    return None
-                return fn()
-            return run
-        timings = interleaved({k: within_budget(fn) for k, fn in variants.items()}, rounds)
-        for name, values in timings.items():
-            values = [v for v in values if v is not None]
-            if values:
-                rate[name] = batch / median(values)
-            else:
-                not_run[name] = f"the --budget of {args.budget:.0f} s was spent before it started"
-
+    budget = Budget(time.perf_counter() + args.budget, args.budget, rounds, batch)
     # first what the goals compare (the loader, the eager step), compilation last: it takes the longest
     with tempfile.TemporaryDirectory() as tmp:
         n = 64 if args.quick else 10_000
@@ -201,16 +204,16 @@ def main():
     if augment is not None:
         eager["ours eager augmented"] = lambda: run_ours(overrides, data, warmup, timed)
     else:
-        not_run["ours eager augmented"] = "model.augment is null (this network takes no augmentation labels)"
-    measure(eager)
+        budget.not_run["ours eager augmented"] = "model.augment is null (this network takes no augmentation labels)"
+    budget.measure(eager)
     if args.quick:
         for name in ("ours compiled", "hand compiled"):
-            not_run[name] = "--quick: compilation takes minutes on a CPU; run without --quick"
+            budget.not_run[name] = "--quick: compilation takes minutes on a CPU; run without --quick"
     else:
-        measure({"ours compiled": lambda: run_ours(overrides, data, warmup, timed,
-                                                   ["model.augment=null", "model.compile_network=true"]),
-                 "hand compiled": lambda h=HandLoop(cfg, compiled=True): h.run(data, warmup, timed)})
-    report(rate, not_run, loader, cfg, f"{network} ({params:.1f}M parameters)", augment,
+        compiled = ["model.augment=null", "model.compile_network=true"]
+        budget.measure({"ours compiled": lambda: run_ours(overrides, data, warmup, timed, compiled),
+                        "hand compiled": lambda h=HandLoop(cfg, compiled=True): h.run(data, warmup, timed)})
+    report(budget.rate, budget.not_run, loader, cfg, f"{network} ({params:.1f}M parameters)", augment,
            f"{timed} timed steps after {warmup}, {rounds} interleaved rounds")
 
 

@@ -177,6 +177,11 @@ def test_bad_parameters_are_refused(kwargs, message):
         AugmentPipe(**kwargs)
 
 
+def test_a_latent_model_is_refused():
+    with pytest.raises(ValueError, match="warps images, but this model diffuses a first stage's latents"):
+        AugmentPipe(0.1, **EDM).check_network(AugmentAwareNet(4), latent=True)
+
+
 def test_augmenting_anything_but_images_is_refused():
     with pytest.raises(ValueError, match=r"image batches \(B, C, H, W\), got shape \(4, 2\)"):
         AugmentPipe(0.1, **EDM)(torch.zeros(4, 2))

@@ -81,8 +81,12 @@ class AugmentPipe:
     def __repr__(self) -> str:
         return f"AugmentPipe(p={self.p}, probability={self.probability})"
 
-    def check_network(self, network) -> None:
-        """A ValueError, before any compute, unless `network` takes these labels (its `augment_dim` is 9)."""
+    def check_network(self, network, latent: bool = False) -> None:
+        """A ValueError, before any compute, unless `network` takes these labels (its `augment_dim` is 9) and sees
+        images (not a first stage's latents: `latent`)."""
+        if latent:
+            raise ValueError("model.augment warps images, but this model diffuses a first stage's latents: use "
+                             "model.augment=null with a first_stage")
         have = getattr(network, "augment_dim", 0)
         if have != self.dim:
             raise ValueError(f"the augmentation gives {self.dim}-dim augmentation labels, but the network "

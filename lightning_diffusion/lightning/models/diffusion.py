@@ -71,6 +71,7 @@ class DiffusionModel(L.LightningModule):
         compile_network: bool = False,
         gradient_checkpointing: Sequence[str] = (),
     ):
+        # long for its one argument per axis of the design space (half of it is the signature), each checked here
         super().__init__()
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout}")
@@ -86,10 +87,7 @@ class DiffusionModel(L.LightningModule):
             raise ValueError(f"guidance_scale={guidance_scale} needs labelled data, but num_classes=0 "
                              "(use guidance_scale=1.0, or a data set with labels)")
         if augment is not None:
-            augment.check_network(network)
-            if first_stage is not None:
-                raise ValueError("model.augment warps images, but this model diffuses a first stage's latents: use "
-                                 "model.augment=null with a first_stage")
+            augment.check_network(network, latent=first_stage is not None)
         if gradient_checkpointing:
             checkpoint_blocks(network, gradient_checkpointing)
         self.denoiser = Denoiser(network, parameterization, process, learned_variance)
