@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import ROOT
 
@@ -45,14 +46,33 @@ SLOW_QUICK_MODES = {
     "peak_memory.py": (1, ["main job"]),
     "compile_bf16.py": (1, ["bf16-mixed"]),
     "latent_cost.py": (1, ["digits16 | latents, cached", "digits | latents, cached"]),
+    # the DDPM U-Net at a CPU width (the recipe's DDPM++ is the GPU run's), no augmentation labels for it
+    "gpu_throughput.py network=unet_ddpm_cifar10 ~network.augment_dim model.augment=null network.channels=16 "
+    "network.channel_mult=[1,2] network.num_res_blocks=1 network.attn_resolutions=[16] data.num_workers=2":
+        (3, ["hand loop images/s", "data loader alone", "--quick: compilation takes minutes"]),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", SLOW_QUICK_MODES)
+@pytest.mark.parametrize("command", SLOW_QUICK_MODES, ids=[c if len(c) < 40 else c.split()[0]  # short ids
+                                                           for c in SLOW_QUICK_MODES])
 def test_quick_mode_prints_its_tables(command):
     out = run_quick(*command.split())
     n_tables, expected = SLOW_QUICK_MODES[command]
     assert len(tables(out)) == n_tables
     for text in expected:
         assert text in out, text
+
+
+@pytest.mark.slow
+def test_gpu_throughput_benchmark_on_cuda():
+    """The GPU run: experiment=edm_cifar10's DDPM++ at batch 512, bf16-mixed, eager and compiled, ours and the hand
+    loop, the loader; within its own 270 s budget (under 5 minutes of device time with start-up)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_throughput.py"), "--budget", "270"],
+                         capture_output=True, text=True, timeout=420, cwd=BENCHMARKS.parent,
+                         env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    print(out.stdout)
+    assert len(tables(out.stdout)) == 2 and "| compiled |" in out.stdout and "## not run" not in out.stdout

@@ -5,6 +5,7 @@ a default sampler (conf/model/); the module composes them, and the math lives in
 module with a frozen first stage: the family runs on its scaled latents and samples are decoded.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -18,6 +19,8 @@ from ...core.parameterizations import Parameterization
 from ...core.processes import Process
 from ...core.samplers import classifier_free_guidance, generate
 from ...networks.first_stage import FirstStage
+from ..data.augment import AugmentPipe
+from .gradient_checkpointing import checkpoint_blocks
 from .logsnr_bins import LogsnrBins
 from .optim import with_linear_warmup
 
@@ -35,6 +38,10 @@ class DiffusionModel(L.LightningModule):
         first_stage: a frozen autoencoder: the family then runs on its scaled latents (latent diffusion, Rombach et
             al. 2022) and samples are decoded; `latent_cache` encodes the data set once when fitting starts
             (each step then draws z from the cached q(z | x)) instead of encoding every batch.
+        augment: EDM's non-leaking augmentation of each training batch on the device; its labels condition the
+            network (which needs `augment_dim` = the pipe's dim) and are zero (absent) at sampling.
+        compile_network: torch.compile the network in place (nn.Module.compile) when fitting starts.
+        gradient_checkpointing: class names of the network's blocks to recompute in backward (memory for compute).
     """
 
     def __init__(
@@ -60,7 +67,11 @@ class DiffusionModel(L.LightningModule):
         nonfinite: str = "stop",
         first_stage: FirstStage | None = None,
         latent_cache: bool = False,
+        augment: AugmentPipe | None = None,
+        compile_network: bool = False,
+        gradient_checkpointing: Sequence[str] = (),
     ):
+        # long for its one argument per axis of the design space (half of it is the signature), each checked here
         super().__init__()
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout}")
@@ -75,6 +86,10 @@ class DiffusionModel(L.LightningModule):
         if guidance_scale != 1.0 and num_classes == 0:
             raise ValueError(f"guidance_scale={guidance_scale} needs labelled data, but num_classes=0 "
                              "(use guidance_scale=1.0, or a data set with labels)")
+        if augment is not None:
+            augment.check_network(network, latent=first_stage is not None)
+        if gradient_checkpointing:
+            checkpoint_blocks(network, gradient_checkpointing)
         self.denoiser = Denoiser(network, parameterization, process, learned_variance)
         self.process, self.weighting, self.noise_levels = process, weighting, noise_levels
         self.adaptive = isinstance(noise_levels, AdaptiveDraw)  # importance sampling: learns p(t) from the losses
@@ -87,6 +102,7 @@ class DiffusionModel(L.LightningModule):
         self.nonfinite, self.skipped_steps = nonfinite, 0
         self._rank_stream_restored = False
         self.first_stage, self.latent_cache = first_stage, latent_cache
+        self.augment, self.compile_network, self._compiled = augment, compile_network, False
 
     def dry_run(self, shape: Sequence[int]) -> None:
         """One pass of the chosen noise levels, weighting and denoiser on two zero samples, and the sampling grid on
@@ -95,8 +111,9 @@ class DiffusionModel(L.LightningModule):
         t = self.noise_levels(torch.tensor([0.25, 0.75], dtype=torch.float64), self.process)
         self.weighting(t, self.process)
         labels = torch.full((2,), self.num_classes) if self.num_classes else None
+        extra = {"augment_labels": torch.zeros(2, self.augment.dim)} if self.augment is not None else {}
         with torch.no_grad():
-            self.denoiser(torch.zeros(2, *shape), t, labels)
+            self.denoiser(torch.zeros(2, *shape), t, labels, **extra)
 
     # ---- training ---------------------------------------------------------------------------------------------------
     def draw_noise_levels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -113,9 +130,12 @@ class DiffusionModel(L.LightningModule):
         drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def loss(self, x0: Tensor, labels: Tensor | None, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def loss(self, x0: Tensor, labels: Tensor | None, t: Tensor, noise: Tensor,
+             augment_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-sample loss and logsnr: the configured loss (denoising, hybrid, VLB), then EDM2's uncertainty if on."""
-        loss, logsnr = self.loss_fn(self.denoiser, x0, t, noise, self.weighting, self.process, labels)
+        denoiser = self.denoiser if augment_labels is None else functools.partial(self.denoiser,
+                                                                                  augment_labels=augment_labels)
+        loss, logsnr = self.loss_fn(denoiser, x0, t, noise, self.weighting, self.process, labels)
         if self.uncertainty is not None:
             loss = self.uncertainty(loss, logsnr)
         return loss, logsnr
@@ -132,6 +152,12 @@ class DiffusionModel(L.LightningModule):
         if self.trainer.world_size > 1 and not self._rank_stream_restored:
             torch.manual_seed(int(torch.randint(2**62, (1,))) + self.global_rank)
 
+    def setup(self, stage: str) -> None:
+        # after the callbacks' setup (the EMA's copy stays eager: it is only evaluated); once per fit / validate / test
+        if self.compile_network and not self._compiled:
+            self.denoiser.network.compile()
+            self._compiled = True
+
     def on_fit_start(self) -> None:
         if self.latent_cache:
             self.trainer.datamodule.encode_splits(lambda x: self.first_stage.moments(x.to(self.device)).cpu())
@@ -139,11 +165,14 @@ class DiffusionModel(L.LightningModule):
     def _step(self, batch, stage: str, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(per-sample loss, its mean, logsnr) of one batch."""
         x, labels = batch
+        augment_labels = None
+        if stage == "train" and self.augment is not None:  # EDM's augmentation, drawn from the run's RNG stream
+            x, augment_labels = self.augment(x, generator)
         x0 = self.to_latent(x, generator)
         labels = self.drop_labels(labels) if stage == "train" else (labels if self.num_classes else None)
         t = self.draw_noise_levels(x0.shape[0], generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        loss, logsnr = self.loss(x0, labels, t, noise)
+        loss, logsnr = self.loss(x0, labels, t, noise, augment_labels)
         if stage == "train" and self.adaptive:  # importance sampling learns p(t) from every rank's losses
             self.noise_levels.update(*self.all_gather_flat(t, loss.detach()))
         if self.adaptive:  # the factor that keeps the objective that of uniform t
