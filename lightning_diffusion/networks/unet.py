@@ -17,14 +17,16 @@ class UNet(UNetSkeleton):
     sin/cos(t * 10000^(-k/63)) of the 0-based step t (c_noise = `ddpm_step` with embedding_scale=1), so that the
     weights of diffusers' `UNet2DModel` (google/ddpm-cifar10-32) convert into it
     (`lightning.convert.diffusers_unet`). The network is fully convolutional; `image_size` fixes where
-    `attn_resolutions` fall and is validated against the number of down-samplings.
+    `attn_resolutions` fall and is validated against the number of down-samplings. GroupNorm keeps at least
+    `min_group_size` channels a group (Ho et al.'s 32 groups at their widths): with one, it would remove the
+    per-channel embedding bias a block adds before it, and the block would ignore the noise level and the label.
     """
 
     def __init__(self, in_channels: int, image_size: int, out_channels: int | None = None, channels: int = 128,
                  channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_classes: int = 0,
                  embedding: str = "positional", num_heads: int = 1, resample_with_conv: bool = True,
-                 embedding_scale: float | None = None, augment_dim: int = 0):
+                 embedding_scale: float | None = None, augment_dim: int = 0, min_group_size: int = 4):
         super().__init__()
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
         reached = check_unet_args("UNet", in_channels, image_size, out_channels, channels, channel_mult,
@@ -42,10 +44,11 @@ class UNet(UNetSkeleton):
 
         self.emb = NoiseLabelEmbedding(channels, emb_dim, num_classes, embedding, embedding_scale, augment_dim)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        norm = partial(group_norm, min_group_size=min_group_size)
         ch = self.build_levels(channels, widths, num_res_blocks, attention_levels,
-                               block=partial(ResBlock, emb_dim=emb_dim, dropout=dropout),
-                               attention=partial(AttnBlock, num_heads=num_heads),
+                               block=partial(ResBlock, emb_dim=emb_dim, dropout=dropout, norm=norm),
+                               attention=partial(AttnBlock, num_heads=num_heads, norm=norm),
                                down=partial(Downsample, with_conv=resample_with_conv),
                                up=partial(Upsample, with_conv=resample_with_conv))
-        self.norm_out = group_norm(ch)
+        self.norm_out = norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1))

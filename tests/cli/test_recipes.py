@@ -40,18 +40,18 @@ RECIPES = {
                                                 augment=None, steps=950_000, hflip=True, conditional=False,
                                                 nfe=1000, fid=2.41),
 }
-# The networks' width keys at a CPU size (the networks branch's configs; EDM's names for SongUNet / DhariwalUNet), two
-# levels with attention at the lower one
+# The networks' width keys at a CPU size, two levels with attention at the lower one
 TINY = {
     "unet_ddpm_cifar10": ["network.channels=16", "network.channel_mult=[1,2]", "network.num_res_blocks=1"],
-    "song_unet": ["network.model_channels=16", "network.channel_mult=[1,2]", "network.num_blocks=1"],
+    "song_unet": ["network.channels=16", "network.channel_mult=[1,2]", "network.num_blocks=1"],
+    "adm": ["network.channels=16", "network.channel_mult=[1,2]", "network.num_blocks=1", "network.channels_per_head=16"],
 }
 DDPM_UNET = ("ddpm_cifar10", "score_sde_vp_cifar10", "score_sde_subvp_cifar10")
 
 
 def tiny(recipe: str) -> list[str]:
     size = 64 if "imagenet" in recipe else 32
-    width = TINY["unet_ddpm_cifar10" if recipe in DDPM_UNET else "song_unet"]
+    width = TINY["unet_ddpm_cifar10" if recipe in DDPM_UNET else "adm" if "adm" in recipe else "song_unet"]
     return width + [f"network.attn_resolutions=[{size // 2}]"]
 
 

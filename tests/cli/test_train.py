@@ -140,11 +140,7 @@ def test_toy_model_samples_match_the_data(tmp_path):
     assert distance < 0.1 * noise_baseline, (float(distance), float(noise_baseline))
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", ["autoencoder"])  # the paper recipes: tests/cli/test_recipes.py
 def test_every_experiment_config_builds(experiment, tmp_path):
-    """The published set-ups compose and pass the pre-compute checks (their data are not needed to build)."""
-    cfg = compose_config([f"experiment={experiment}", "logger=csv"], tmp_path)
-    build(cfg)
-    if experiment.endswith("cifar10"):  # a table shows the paper's numbers beside ours: our metric names
-        numbers = {k for k in cfg.paper if k != "source"}
-        assert cfg.paper.source and numbers and numbers <= {"fid", "is_mean", "bpd_vlb", "bpd_pf_ode"}
+    """The experiments that are not paper recipes compose and pass the pre-compute checks."""
+    build(compose_config([f"experiment={experiment}", "logger=csv"], tmp_path))

@@ -190,7 +190,7 @@ def test_augmenting_anything_but_images_is_refused():
 # ---- the model's seam: labels to the network in training, none at sampling, the same draws after a resume ----------
 
 STAND_IN = ["~network", "+network._target_=test_augment.AugmentAwareNet", "+network.channels=${data_meta.channels}",
-            "+network.num_classes=${data_meta.num_classes}", "+augment=edm", "model.augment.p=1.0", "data.hflip=false"]
+            "+network.num_classes=${data_meta.num_classes}", "augment=edm", "model.augment.p=1.0", "data.hflip=false"]
 DIGITS = FAST + ["data=digits", "data.batch_size=16", "trainer.max_steps=6", "trainer.val_check_interval=3",
                  "callbacks.checkpoint.every_n_train_steps=3", "callbacks.sample_grid=null",
                  "callbacks.final_samples=null",
@@ -200,7 +200,7 @@ DIGITS = FAST + ["data=digits", "data.batch_size=16", "trainer.max_steps=6", "tr
 def test_a_network_without_augmentation_labels_is_refused_before_compute(tmp_path):
     with pytest.raises(ConfigError, match=r"9-dim augmentation labels, but the network UNet has augment_dim=0: use "
                                           r"a network with augment_dim=9 .* or no augmentation \(model.augment=null\)"):
-        build(compose_config(["data=digits", "+augment=edm"], tmp_path))
+        build(compose_config(["data=digits", "augment=edm"], tmp_path))
 
 
 def test_training_conditions_on_the_labels_and_sampling_on_none(tmp_path):

@@ -68,7 +68,8 @@ def unet_kwargs(config: Mapping) -> dict:
                 channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
                 num_res_blocks=config["layers_per_block"], dropout=config.get("dropout", 0.0),
                 attn_resolutions=tuple(size >> level for level, kind in enumerate(down) if kind.startswith("Attn")),
-                embedding="positional", embedding_scale=1.0, num_heads=heads.pop())
+                embedding="positional", embedding_scale=1.0, num_heads=heads.pop(),
+                min_group_size=1)  # diffusers' 32 groups at every width, also below 4 channels a group
 
 
 def _side(ours: str, theirs: str, num_levels: int, blocks: int, resampler: str, our_conv: str) -> list[tuple]:
