@@ -68,16 +68,24 @@ def count_nfe(sampler: Callable, grid: Callable, process: Process, shape=(1, 1))
 
 def steps_for_nfe(sampler: Callable, grid: Callable, process: Process, nfe: int, max_steps: int = 10_000) -> int:
     """The most grid steps whose `count_nfe` stays within `nfe` (Heun: (nfe + 1) // 2; multistep: nfe); `grid` is
-    `grid(process, steps)`. ValueError if not even one step fits."""
+    `grid(process, steps)`. Step counts the sampler refuses (fewer than a multistep order) are passed over;
+    ValueError if none fits."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got nfe={nfe}")
-    steps = 0
-    while steps < max_steps and count_nfe(sampler, partial(grid, steps=steps + 1), process) <= nfe:
-        steps += 1
-    if steps == 0:
-        raise ValueError(f"{getattr(sampler, '__name__', sampler)!r} needs more than nfe={nfe} denoiser calls even "
-                         "with one grid step")
-    return steps
+    best = 0
+    for steps in range(1, max_steps + 1):
+        try:
+            needed = count_nfe(sampler, partial(grid, steps=steps), process)
+        except ValueError:  # a grid shorter than a multistep solver's history (order 4: 3 such), or no such grid
+            if best or steps > 4:
+                break
+            continue
+        if needed > nfe:
+            break
+        best = steps
+    if best == 0:
+        raise ValueError(f"{getattr(sampler, '__name__', sampler)!r} fits no grid within nfe={nfe} denoiser calls")
+    return best
 
 
 class BudgetDenoiser(CountingDenoiser):

@@ -25,6 +25,13 @@ def check_order(name: str, order: int, orders: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has orders {list(orders)}, got order={order!r}")
 
 
+def check_history(name: str, order: int, sigmas: list[float]) -> None:
+    """ValueError when the grid has fewer steps than the order's history (it could never reach that order)."""
+    if len(sigmas) - 1 < order:
+        raise ValueError(f"{name} of order {order} needs a grid of at least {order} steps, got {len(sigmas) - 1} "
+                         f"(sigmas {sigmas}): take more steps or a lower order")
+
+
 def step_orders(n: int, order: int, lower_order_final: bool) -> list[int]:
     """Order of each of n multistep steps: min(order, i + 1) (warm-up), and min(., n - i) with lower_order_final."""
     return [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
@@ -52,9 +59,11 @@ def dpm_solver_pp_multistep(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tenso
     term: "midpoint" (1 - e^{-h_eta}) / 2 r (diffusers' default) or "heun" phi_2 = (e^{-h_eta} - 1) / h_eta + 1 (k-diffusion's
     SDE samplers). The step to sigma~ = 0 is D.
     """
-    sigmas = check_grid(sigmas, "sigmas").tolist()
+    check_order("dpm_solver_pp_multistep", order, (1, 2, 3))
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    sigmas = check_grid(sigmas, "sigmas").tolist()
+    check_history(f"DPM-Solver++({order}M)", order, sigmas)
     orders = step_orders(len(sigmas) - 1, order, lower_order_final)
     ds, hs = [], []  # newest first: D at the last levels, and the steps h that led to them
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
@@ -139,6 +148,7 @@ def unipc(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, order: int = 2,
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unipc's variant must be 'bh1' or 'bh2', got {variant!r}")
     sigmas = check_grid(sigmas, "sigmas").tolist()
+    check_history("unipc", order, sigmas)
     lam = [-math.log(s) if s > 0 else math.inf for s in sigmas]
     orders = step_orders(len(sigmas) - 1, order, lower_order_final)
     ds, x_last = [], None  # ds: D at sigmas[i], sigmas[i - 1], ... (newest first)
@@ -178,6 +188,7 @@ def ipndm(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, order: int = 4,
     Runge-Kutta start (Zhang & Chen 2023, "DEIS", sec. 5 / app. B; Liu et al. 2022, "PNDM")."""
     check_order("ipndm", order, (1, 2, 3, 4))
     sigmas = check_grid(sigmas, "sigmas").tolist()
+    check_history("ipndm", order, sigmas)
     eps = []  # newest first
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         eps = [(x - denoiser_tilde(x, levels(x, s))) / s] + eps[:order - 1]
@@ -192,6 +203,7 @@ def lms(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, order: int = 4, g
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"lms needs an integer order >= 1, got order={order!r}")
     sigmas = check_grid(sigmas, "sigmas").tolist()
+    check_history("lms", order, sigmas)
     ds = []  # newest first
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         ds = [(x - denoiser_tilde(x, levels(x, s))) / s] + ds[:order - 1]
@@ -224,6 +236,7 @@ def deis(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, order: int = 2, 
     """
     check_order("deis", order, (1, 2, 3))
     sigmas = check_grid(sigmas, "sigmas").tolist()
+    check_history("deis", order, sigmas)
     orders = step_orders(len(sigmas) - 1, order, lower_order_final)
     eps = []  # newest first
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
