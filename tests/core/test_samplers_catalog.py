@@ -262,7 +262,7 @@ def test_iddpm_levels_are_the_cosine_ddpm_noise_levels():
 
 
 @pytest.mark.parametrize("grid", [S.vp_times, S.iddpm_times, S.time_quadratic_times, S.geometric_times,
-                                  S.karras_times], ids=lambda f: f.__name__)
+                                  S.karras_times, S.logsnr_times], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("process", [VPSDE(), VESDE(0.01, 50.0), EDMProcess(), ddpm(cosine_betas, T=1000),
                                      RectifiedFlow(t_max=0.999)], ids=["vp", "ve", "edm", "ddpm", "flow"])
 def test_every_grid_is_steps_plus_one_decreasing_times_in_range(grid, process):
@@ -273,6 +273,12 @@ def test_every_grid_is_steps_plus_one_decreasing_times_in_range(grid, process):
     clean_end = process.t_min == 0 if grid is S.time_quadratic_times else (
         grid is not S.geometric_times and float(process.sigma(torch.tensor(0.0))) == 0)
     assert float(times[-1]) >= 0 and (float(times[-1]) == 0) == clean_end
+
+
+def test_logsnr_times_are_geometric_then_zero():
+    sigmas = EDMProcess().sigma_tilde(S.logsnr_times(EDMProcess(0.002, 80.0), 4))
+    torch.testing.assert_close(sigmas[:-1], torch.logspace(math.log10(80), math.log10(0.002), 4, dtype=torch.float64))
+    assert sigmas[-1] == 0
 
 
 def test_time_quadratic_is_dense_near_the_data():

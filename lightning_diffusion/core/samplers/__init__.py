@@ -18,7 +18,8 @@ from .ancestral_sde import (ancestral_levels, dpm_solver_pp_2m_sde, dpm_solver_p
 from .brownian import BrownianTree, brownian_noise, gaussian_noise
 from .edm_ablation import edm_ablation
 from .generate import CountingDenoiser, classifier_free_guidance, count_nfe, generate, steps_for_nfe
-from .grids import (geometric_times, iddpm_levels, iddpm_times, karras_sigmas, karras_times, sigmas_of_times,
+from .grids import (geometric_times, iddpm_levels, iddpm_times, karras_sigmas, karras_times, logsnr_times,
+                    sigmas_of_times,
                     strided_times, time_quadratic_times, times_of_sigmas, uniform_times, vp_times)
 from .multistep import deis, dpm_solver_pp_2m, dpm_solver_pp_3m, dpm_solver_pp_multistep, ipndm, lms, unipc
 from .singlestep import dpm_2, dpm_solver_singlestep
@@ -32,6 +33,6 @@ __all__ = ["BrownianTree", "CountingDenoiser", "ancestral", "ancestral_levels", 
            "dpm_solver_pp_3m_sde", "dpm_solver_pp_multistep", "dpm_solver_pp_sde", "dpm_solver_singlestep",
            "edm_ablation", "euler", "euler_ancestral", "euler_maruyama", "euler_maruyama_step", "gaussian_noise",
            "generate", "geometric_times", "heun", "iddpm_levels", "iddpm_times", "ipndm", "karras_sigmas",
-           "karras_times", "learned_variance", "lms", "pf_ode", "predictor_corrector", "reverse_diffusion_step",
+           "karras_times", "learned_variance", "lms", "logsnr_times", "pf_ode", "predictor_corrector", "reverse_diffusion_step",
            "rk45", "scaled_denoiser", "sigmas_of_times", "steps_for_nfe", "strided_times", "time_quadratic_times", "times_of_sigmas",
            "uniform_times", "unipc", "vp_times"]

@@ -140,6 +140,18 @@ def karras_times(process: Process, steps: int, sigma_min: float | None = None, s
     return levels_as_times(process, steps, lambda n: karras_sigmas(n, sigma_min, sigma_max, rho)[:-1])
 
 
+def logsnr_times(process: Process, steps: int, sigma_min: float | None = None,
+                 sigma_max: float | None = None) -> Tensor:
+    """logSNR-uniform levels, sigma~ geometric from sigma_max to sigma_min, then 0 where the process gets there
+    (Lu et al. 2022a's "logSNR" steps; diffusers' use_exponential_sigmas), as process times."""
+    sigma_min, sigma_max = range_of(process, sigma_min, sigma_max)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"logsnr_times needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    return levels_as_times(process, steps, lambda n: torch.logspace(math.log10(sigma_max), math.log10(sigma_min), n,
+                                                                    dtype=torch.float64) if n > 1
+                           else torch.tensor([sigma_max], dtype=torch.float64))
+
+
 def vp_times(process: Process, steps: int, sigma_min: float | None = None, sigma_max: float | None = None,
              epsilon_s: float = 1e-3) -> Tensor:
     """EDM's VP discretisation: sigma_VP(t) at t = 1 + i / (N - 1) (epsilon_s - 1), the VP SDE fitted to the range
