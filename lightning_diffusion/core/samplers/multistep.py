@@ -26,10 +26,10 @@ def check_order(name: str, order: int, orders: tuple[int, ...]) -> None:
 
 
 def check_history(name: str, order: int, sigmas: list[float]) -> None:
-    """ValueError when the grid has fewer steps than the order's history (it could never reach that order)."""
-    if len(sigmas) - 1 < order:
-        raise ValueError(f"{name} of order {order} needs a grid of at least {order} steps, got {len(sigmas) - 1} "
-                         f"(sigmas {sigmas}): take more steps or a lower order")
+    """ValueError when the grid cannot hold the order's history: a step of order k reads k - 1 earlier levels."""
+    if len(sigmas) - 1 < order - 1:
+        raise ValueError(f"{name} of order {order} reads {order - 1} earlier levels: it needs a grid of at least "
+                         f"{order - 1} steps, got {len(sigmas) - 1} (sigmas {sigmas}): take more steps or a lower order")
 
 
 def step_orders(n: int, order: int, lower_order_final: bool) -> list[int]:
