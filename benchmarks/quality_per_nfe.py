@@ -12,6 +12,7 @@ every denoiser call; a sampler whose step count cannot hit an NFE uses the most 
 "optimized" is ours: `optimize_times` on 400 (digits: 128) prior draws of another seed than the evaluation's.
 """
 
+import argparse
 import importlib.util
 import math
 import sys
@@ -314,13 +315,13 @@ def evaluate(title: str, problem: dict, nfes, seeds, catalogs, iterations: int, 
 
 
 def main():
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--ckpt", help="a trained digits checkpoint (default: train one here)")
+    extra.add_argument("--extractor", help="digits-cnn weights (default: train them here)")
+    extra.add_argument("--problems", default="2d,64d,digits", help="a comma list of 2d, 64d, digits")
+    known, sys.argv[1:] = extra.parse_known_args()
     args = arguments(__doc__.splitlines()[0])
-    import argparse
-    extra = argparse.ArgumentParser()
-    extra.add_argument("--ckpt"), extra.add_argument("--extractor")
-    extra.add_argument("--problems", default="2d,64d,digits")
-    known = vars(extra.parse_known_args()[0])
-    args.ckpt, args.extractor, problems = known["ckpt"], known["extractor"], known["problems"].split(",")
+    args.ckpt, args.extractor, problems = known.ckpt, known.extractor, known.problems.split(",")
     header("Quality per NFE: ours (every sampler x grid) vs diffusers and k-diffusion, same denoiser", args.quick)
     quick = args.quick
     nfes, seeds = ([5, 10], [0]) if quick else ([5, 6, 8, 10, 15, 20, 50], [0, 1, 2])

@@ -14,22 +14,10 @@ from lightning_diffusion.core import samplers as S
 from lightning_diffusion.core.distances import energy_distance
 from lightning_diffusion.core.oracles import Gaussian, GaussianMixture
 from lightning_diffusion.core.processes import EDMProcess, RectifiedFlow, VESDE, VPSDE, cosine_betas, ddpm
+from sampler_oracles import gaussian, mixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-
-
-def gaussian() -> Gaussian:
-    """4-D, anisotropic (eigenvalues 0.12 .. 3.4), non-zero mean."""
-    a = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return Gaussian(torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=torch.float64),
-                    a @ a.T / 4 + 0.1 * torch.eye(4, dtype=torch.float64))
-
-
-def mixture() -> GaussianMixture:
-    """8 modes on a circle of radius 1.5, std 0.15."""
-    angle = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
-    return GaussianMixture.isotropic(1.5 * torch.stack([angle.cos(), angle.sin()], 1), 0.15)
 
 
 def oracle_tilde(g):

@@ -20,26 +20,10 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampl
 from lightning_diffusion.core import samplers as S
 from lightning_diffusion.core.oracles import Gaussian
 from lightning_diffusion.core.processes import linear_betas
+from sampler_oracles import Recorded, gaussian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T, B = 1000, 8
-
-
-def gaussian() -> Gaussian:
-    a = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return Gaussian(torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=torch.float64),
-                    a @ a.T / 4 + 0.1 * torch.eye(4, dtype=torch.float64))
-
-
-class Recorded:
-    """The oracle D(x~; sigma~), recording each call's level and input."""
-
-    def __init__(self, g: Gaussian):
-        self.g, self.calls = g, []
-
-    def __call__(self, x, sigma):
-        self.calls.append((float(sigma.reshape(-1)[0]), x.clone()))
-        return self.g.denoise(x, 1.0, sigma).to(x.dtype)
 
 
 def run_vp(sched, g: Gaussian, x_tilde):

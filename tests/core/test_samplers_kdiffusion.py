@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from lightning_diffusion.core import samplers as S
-from lightning_diffusion.core.oracles import Gaussian
 from lightning_diffusion.core.processes import EDMProcess
+from sampler_oracles import Recorded, gaussian
 
 
 def load_kdiffusion_sampling():
@@ -36,23 +36,6 @@ def load_kdiffusion_sampling():
 K = load_kdiffusion_sampling()
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-
-
-class Recorded:
-    """The oracle D(x~; sigma~), recording each call's level and input."""
-
-    def __init__(self, g: Gaussian):
-        self.g, self.calls = g, []
-
-    def __call__(self, x, sigma):
-        self.calls.append((float(sigma.reshape(-1)[0]), x.clone()))
-        return self.g.denoise(x, 1.0, sigma).to(x.dtype)
-
-
-def gaussian() -> Gaussian:
-    a = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return Gaussian(torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=torch.float64),
-                    a @ a.T / 4 + 0.1 * torch.eye(4, dtype=torch.float64))
 
 
 def brownian(seed: int):

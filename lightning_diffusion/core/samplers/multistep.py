@@ -32,6 +32,18 @@ def check_history(name: str, order: int, sigmas: list[float]) -> None:
                          f"{order - 1} steps, got {len(sigmas) - 1} (sigmas {sigmas}): take more steps or a lower order")
 
 
+def log_snr_halves(sigmas: list[float]) -> list[float]:
+    """lambda = -log sigma~ of each level (inf at sigma~ = 0): half the logSNR, DPM-Solver's time variable."""
+    return [-math.log(s) if s > 0 else math.inf for s in sigmas]
+
+
+def history_grid(name: str, order: int, sigmas) -> tuple[list[float], list[float]]:
+    """The checked grid as floats (`check_grid`, `check_history`) and its lambdas (`log_snr_halves`)."""
+    sigmas = check_grid(sigmas, "sigmas").tolist()
+    check_history(name, order, sigmas)
+    return sigmas, log_snr_halves(sigmas)
+
+
 def step_orders(n: int, order: int, lower_order_final: bool) -> list[int]:
     """Order of each of n multistep steps: min(order, i + 1) (warm-up), and min(., n - i) with lower_order_final."""
     return [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
@@ -147,9 +159,7 @@ def unipc(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, order: int = 2,
     check_order("unipc", order, (1, 2, 3))
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unipc's variant must be 'bh1' or 'bh2', got {variant!r}")
-    sigmas = check_grid(sigmas, "sigmas").tolist()
-    check_history("unipc", order, sigmas)
-    lam = [-math.log(s) if s > 0 else math.inf for s in sigmas]
+    sigmas, lam = history_grid("unipc", order, sigmas)
     orders = step_orders(len(sigmas) - 1, order, lower_order_final)
     ds, x_last = [], None  # ds: D at sigmas[i], sigmas[i - 1], ... (newest first)
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .common import DenoiserFn, levels
 from .grids import check_grid
-from .multistep import check_history, check_order
+from .multistep import check_order, history_grid
 from .solvers import check_churn, churn
 
 
@@ -72,9 +72,7 @@ def dpm_solver_singlestep(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor,
     check_order("dpm_solver_singlestep", order, (1, 2, 3))
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    sigmas = check_grid(sigmas, "sigmas").tolist()
-    check_history("dpm_solver_singlestep", order, sigmas)
-    lam = [-math.log(s) if s > 0 else math.inf for s in sigmas]
+    sigmas, lam = history_grid("dpm_solver_singlestep", order, sigmas)
     orders = singlestep_orders(len(sigmas) - 1, order, lower_order_final, sigmas[-1] == 0)
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         if orders[i] == 1:  # a new block starts here
