@@ -186,7 +186,8 @@ def diffusers_peers(quick: bool) -> dict:
         "DPMSolverSDE": ("DPMSolverSDEScheduler", two, {}, ["default", "karras"]),
     }
     if quick:
-        schedulers = {k: v for k, v in schedulers.items() if k in ("DDIM", "DPMSolverMultistep 2M", "UniPC bh2")}
+        schedulers = {k: v for k, v in schedulers.items() if k in ("DDIM", "Heun", "DPMSolverMultistep 2M", "UniPC bh2",
+                                                                     "DPMSolverSDE")}
     peers = {}
     for name, (cls, steps, kwargs, names) in schedulers.items():
         for spacing in names:
@@ -212,7 +213,7 @@ def run_diffusers(problem, spec, nfe: int, seed: int):
     generator, calls = torch.Generator().manual_seed(seed + 1), 0
     for i, t in enumerate(sched.timesteps):
         if ve:  # x is x~ at the level of this call (DPMSolverSDE's second call: its midpoint)
-            second = not getattr(sched, "state_in_first_order", True)
+            second = type(sched).__name__ == "DPMSolverSDEScheduler" and not sched.state_in_first_order
             s = float(sched.mid_point_sigma if second else sched.sigmas[sched.step_index or 0])
             a = 1.0
         elif hasattr(sched, "sigmas"):  # DPM-Solver, UniPC, DEIS: x = alpha x~ at sigmas[i]
@@ -352,7 +353,7 @@ def main():
             print(f"digits model: {source}\n")
             evaluate("digits, Frechet distance in digits-cnn features", problem, [5, 10] if quick else [5, 10, 20, 50],
                      [0], runners(few if quick else core[2:], ["logsnr"] if quick else ["karras", "logsnr", "uniform"]),
-                     3 if quick else 40, ["unipc"] if quick else ["unipc", "deis"], quick, better_only=True)
+                     3 if quick else 30, ["unipc"] if quick else ["unipc", "deis"], quick, better_only=True)
 
 
 if __name__ == "__main__":
