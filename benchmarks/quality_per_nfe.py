@@ -9,7 +9,10 @@ Frechet distance in the offline digits-cnn feature space, trained here unless --
 linear betas, T = 1000. A peer is run the way its library is used: diffusers' scheduler loop with the denoiser as an
 eps-prediction model at the level its own sample sits at, k-diffusion's functions on the scaled denoiser. NFE counts
 every denoiser call; a sampler whose step count cannot hit an NFE uses the most steps within it (bracketed).
-"optimized" is ours: `optimize_times` on 400 (digits: 128) prior draws of another seed than the evaluation's.
+"optimized" is ours: `optimize_times` on 400 (digits: 64) prior draws of another seed than the evaluation's.
+The goal tables compare errors as the excess over the converged value (the score of a 256-step Heun solve of the
+PF-ODE from the same prior draws, which every deterministic sampler tends to), since near convergence the raw
+distances are the metric's own floor; on the digits, the distances themselves.
 """
 
 import argparse
@@ -85,7 +88,7 @@ def digits_problem(args, n: int, seeds: list[int], work: Path) -> tuple[dict, st
 
     ckpt, made = args.ckpt, []
     if ckpt is None:
-        steps = 2 if args.quick else 600
+        steps = 2 if args.quick else 400
         overrides = ["logger=csv", "trainer.enable_progress_bar=false", f"trainer.max_steps={steps}",
                      f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1", "callbacks.sample_grid=null",
                      "callbacks.final_samples=null"]
@@ -102,7 +105,8 @@ def digits_problem(args, n: int, seeds: list[int], work: Path) -> tuple[dict, st
     problem = {"denoiser_of": lambda n: model.guided_denoiser(class_labels(n, model.num_classes, model.device), None),
                "shape": tuple(model.sample_shape), "n": n,
                "score": lambda x, seed: frechet_distance(extract_features(extractor, x.float().clamp(-1, 1))["64"],
-                                                         real), "floor": None, "opt_n": 32 if args.quick else 128}
+                                                         real), "floor": None, "opt_n": 32 if args.quick else 64,
+               "reference_steps": 64}
     return problem, f"{ckpt} ({'; '.join(made) or 'given'})"
 
 
@@ -159,6 +163,14 @@ def run_ours(problem, sampler, grid, seed: int):
 # ---- peers ---------------------------------------------------------------------------------------------------------
 
 VE_SPACE = ("EulerDiscrete", "HeunDiscrete", "LMSDiscrete", "EulerAncestralDiscrete", "DPMSolverSDE")
+
+
+# the peers that were best somewhere on the 2-D mixture, for the costlier problems (64-D, digits)
+STRONG_PEERS = ["diffusers DDIM (default)", "diffusers LMS (default)", "diffusers DPMSolverMultistep 2M (default)",
+                "diffusers DPMSolverMultistep 3M (default)", "diffusers DPMSolverSinglestep 3 (karras)",
+                "diffusers UniPC bh2 (default)", "diffusers UniPC bh2 (exponential)", "diffusers UniPC bh1 p3 (default)",
+                "diffusers DEIS 3 (default)", "diffusers DEIS 3 (karras)", "diffusers DEIS 3 (exponential)",
+                "k-diffusion dpmpp_2m (karras)", "k-diffusion lms (karras)"]
 
 
 def diffusers_peers(quick: bool) -> dict:
@@ -269,8 +281,7 @@ def run_kdiffusion(problem, spec, nfe: int, seed: int):
 
 def evaluate(title: str, problem: dict, nfes, seeds, catalogs, iterations: int, optimized: list[str], quick: bool,
              better_only: bool = False) -> None:
-    """The table of one problem (mean over seeds, NFE used in brackets where below) and its goal table: our best at
-    most 0.8x the best peer's at 5 and 10 NFE (`better_only`: below it), no worse at 20 and 50."""
+    """The table of one problem (mean over seeds, NFE used in brackets where below) and its goal table (`verdict`)."""
     rows, best = [], {nfe: {"ours": None, "peer": None} for nfe in nfes}
 
     def record(side, name, nfe, values, used):
@@ -294,25 +305,52 @@ def evaluate(title: str, problem: dict, nfes, seeds, catalogs, iterations: int, 
     for solver in optimized:
         sampler, row = partial(S.pf_ode, solver=SOLVERS[solver]), [f"**ours** {solver} (optimized)"]
         for nfe in nfes:
-            grid = optimized_grid(problem, sampler, nfe, iterations, 16 if quick else 256)
+            grid = optimized_grid(problem, sampler, nfe, iterations, 16 if quick else problem.get("reference_steps", 256))
             outs = [run_ours(problem, sampler, grid, seed) for seed in seeds]
             row.append(record("ours", f"{solver} (optimized)", nfe,
                               [problem["score"](x, s) for (x, _), s in zip(outs, seeds)], outs[0][1]))
         rows.append(row)
+    converged = converged_value(problem, seeds)
+    rows.append(["the PF-ODE itself: 256 Heun steps from the same prior draws (the converged value)"]
+                + [f"{converged:.2f}"] * len(nfes))
     if problem["floor"] is not None:
         rows.append(["exact samples (the floor at this sample size)"] + [f"{problem['floor']:.2f}"] * len(nfes))
     table(f"{title} (mean over {len(seeds)} seeds x {problem['n']} samples)",
           ["sampler (grid)"] + [f"NFE {nfe}" for nfe in nfes], rows)
-    verdicts = []
-    for nfe in nfes:
-        (on, om, oe), (pn, pm, pe) = best[nfe]["ours"], best[nfe]["peer"]
-        low = nfe in (5, 10)
-        goal = "< 1" if low and better_only else "<= 0.8" if low else "<= 1"
-        ok = om < pm if low and better_only else om <= (0.8 if low else 1.0) * pm
-        tie = not low and om - pm <= 2 * math.hypot(oe, pe)
-        met = "yes" if ok else "tie (within 2 s.e.)" if tie else f"no (ratio {om / pm:.2f})"
-        verdicts.append([nfe, f"{on}: {om:.2f}", f"{pn}: {pm:.2f}", f"{om / pm:.2f}", goal, met])
-    table(f"{title}: goal (ours <= peer?)", ["NFE", "our best", "best peer", "ours / peer", "goal", "met"], verdicts)
+    table(f"{title}: goal (ours <= peer?)", ["NFE", "our best", "best peer", "excess ours / peer", "goal", "met"],
+          [verdict(nfe, best[nfe], converged, better_only) for nfe in nfes])
+
+
+def converged_value(problem, seeds) -> float:
+    """The score of the PF-ODE's own end points (a 256-step Heun solve from each seed's prior draws): what every
+    deterministic sampler tends to as its NFE grows, and the zero of the error the goal compares."""
+    values = []
+    for seed in seeds:
+        x = torch.randn((problem["n"], *problem["shape"]), generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+        with torch.no_grad():
+            out = S.pf_ode(problem["denoiser_of"](problem["n"]), PROCESS, x, S.karras_times(PROCESS, 256),
+                           solver=S.heun)
+        values.append(problem["score"](out, seed))
+    return float(np.mean(values))
+
+
+def verdict(nfe: int, best: dict, converged: float, better_only: bool) -> list:
+    """One goal row. The error is the excess over the converged value; at 5 and 10 NFE ours <= 0.8x the best peer's
+    (`better_only`, the digits: a lower distance), at 20 and 50 no worse (or a tie within 2 s.e.)."""
+    (on, om, oe), (pn, pm, pe) = best["ours"], best["peer"]
+    excess_ours, excess_peer, noise = om - converged, pm - converged, 2 * math.hypot(oe, pe)
+    ratio = excess_ours / excess_peer if excess_peer > 0 else math.inf
+    low = nfe in (5, 10)
+    if low and better_only:
+        goal, met = "lower distance", "yes" if om < pm else f"no ({om:.2f} vs {pm:.2f})"
+    elif low:
+        goal = "excess <= 0.8x"
+        met = "yes" if excess_ours <= 0.8 * excess_peer else (
+            "not resolvable (the peer has converged)" if excess_peer <= noise else f"no (ratio {ratio:.2f})")
+    else:
+        goal, met = "no worse", "yes" if om <= pm else "tie (within 2 s.e.)" if om - pm <= noise else "no"
+    return [nfe, f"{on}: {om:.2f}", f"{pn}: {pm:.2f}", f"{ratio:.2f}", goal, met]
 
 
 def main():
@@ -328,15 +366,18 @@ def main():
     nfes, seeds = ([5, 10], [0]) if quick else ([5, 6, 8, 10, 15, 20, 50], [0, 1, 2])
     K = load_kdiffusion()
 
-    def runners(solvers, grids):
+    def runners(solvers, grids, strong_only=False):
+        peers = [("peer", diffusers_peers(quick), lambda p, spec, nfe: lambda seed: run_diffusers(p, spec, nfe, seed))]
+        if K is not None:
+            peers.append(("peer", kdiffusion_peers(K, quick), lambda p, spec, nfe: lambda seed:
+                          run_kdiffusion(p, spec, nfe, seed)))
+        if strong_only:
+            peers = [(side, {k: v for k, v in catalog.items() if k in STRONG_PEERS}, run) for side, catalog, run in peers]
         return [("ours", ours(solvers, grids), lambda p, spec, nfe: (lambda g: None if g is None else (
-                    lambda seed: run_ours(p, spec[0], g, seed)))(steps_and_grid(spec[0], spec[1], nfe))),
-                ("peer", diffusers_peers(quick), lambda p, spec, nfe: lambda seed: run_diffusers(p, spec, nfe, seed))
-                ] + ([] if K is None else [("peer", kdiffusion_peers(K, quick), lambda p, spec, nfe: lambda seed:
-                                            run_kdiffusion(p, spec, nfe, seed))])
+                    lambda seed: run_ours(p, spec[0], g, seed)))(steps_and_grid(spec[0], spec[1], nfe)))] + peers
 
     few = ["dpm_solver_pp_2m", "unipc"]
-    core = ["euler", "heun", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc", "deis", "ipndm"]
+    multistep = ["dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc", "deis", "ipndm"]
     if "2d" in problems:
         evaluate("2-D 8-mode mixture, energy distance x 1e3", oracle_problem(mixture_2d(), 100 if quick else 2000,
                                                                              seeds), nfes, seeds,
@@ -345,16 +386,16 @@ def main():
     if "64d" in problems and not quick:
         for title, data in (("64-D Gaussian, energy distance x 1e3", gaussian_64d()),
                             ("64-D 16-mode mixture, energy distance x 1e3", mixture_64d())):
-            evaluate(title, oracle_problem(data, 600, seeds), nfes, seeds, runners(core, ["karras", "logsnr", "uniform"]),
-                     60, OPTIMIZED[:3], quick)
+            evaluate(title, oracle_problem(data, 400, [0]), nfes, [0],
+                     runners(multistep, ["karras", "logsnr"], strong_only=True), 40, ["unipc", "ipndm"], quick)
     if "digits" in problems:
         with tempfile.TemporaryDirectory() as work:
-            problem, source = digits_problem(args, 50 if quick else 500, [0], Path(work))
+            problem, source = digits_problem(args, 50 if quick else 300, [0], Path(work))
             print(f"digits model: {source}\n")
             evaluate("digits, Frechet distance in digits-cnn features", problem, [5, 10] if quick else [5, 10, 20, 50],
-                     [0], runners(few if quick else core[2:], ["logsnr"] if quick else ["karras", "logsnr", "uniform"]),
-                     3 if quick else 30, ["unipc"] if quick else ["unipc", "deis"], quick, better_only=True)
-
+                     [0], runners(few if quick else multistep, ["logsnr"] if quick else ["karras", "logsnr"],
+                                  strong_only=not quick),
+                     3 if quick else 20, ["unipc"] if quick else ["unipc", "deis"], quick, better_only=True)
 
 if __name__ == "__main__":
     main()
