@@ -3,8 +3,8 @@
 A solver is `solver(denoiser_tilde, x~, sigmas, generator=None, **opts) -> x~` on dx~/dsigma~ = (x~ - D) / sigma~
 (Karras et al. 2022, eq. 4), with x~ = x / alpha and sigma~ = sigma / alpha, so one Heun serves VP, VE, EDM, DDPM and
 flow models alike; `scaled_denoiser` makes `denoiser_tilde(x~, sigma~)` from a process-time denoiser. `pf_ode` is the
-sampler: it maps a process's time grid to sigma~, runs the solver and scales back. Only `heun` with churn uses the
-generator.
+sampler: it maps a process's time grid to sigma~, runs the solver and scales back. The multistep and singlestep
+solvers (`multistep`, `singlestep`) and the stochastic ones (`ancestral_sde`) share the signature.
 """
 
 import math
@@ -115,7 +115,11 @@ def rk45(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, rtol: float = 1e
 
 def pf_ode(denoiser: DenoiserFn, process: Process, x: Tensor, times: Tensor, solver: Callable = heun,
            generator: torch.Generator | None = None) -> Tensor:
-    """Any scaled-space PF-ODE solver on a process time grid: x~ = x / alpha(t_0), solved over sigma~(times), times alpha(t_N)."""
+    """Any scaled-space solver on a process time grid: x~ = x / alpha(t_0), solved over sigma~(times), times alpha(t_N).
+
+    The stochastic scaled-space samplers (`ancestral_sde`: Euler ancestral, the DPM-Solver++ SDEs) run here too: on
+    x~ their noise is that of the process, scaled by 1 / alpha.
+    """
     times = torch.tensor(check_times(process, times), dtype=torch.float64)
     alpha_first, alpha_last = process.alpha(times[[0, -1]]).tolist()
     if alpha_first <= 0:
