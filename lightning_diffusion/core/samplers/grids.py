@@ -10,6 +10,8 @@ so its grids end at sigma_min (as Song et al.'s VE samplers; `karras_times` does
 """
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -93,18 +95,107 @@ def times_of_sigmas(process: Process, sigmas: Tensor) -> Tensor:
     return times
 
 
+class Schedule(NamedTuple):
+    """sigma(t), d sigma / dt and the inverse t(sigma) of a noise schedule (Karras et al. 2022, Table 1)."""
+
+    sigma: Callable[[float], float]
+    dsigma: Callable[[float], float]
+    inverse: Callable[[float], float]
+
+
+def vp_schedule(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> Schedule:
+    """VP's sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), with sigma(epsilon_s) = sigma_min, sigma(1) = sigma_max."""
+    beta_d = 2 * (math.log(sigma_min**2 + 1) / epsilon_s - math.log(sigma_max**2 + 1)) / (epsilon_s - 1)
+    beta_min = math.log(sigma_max**2 + 1) - 0.5 * beta_d
+
+    def sigma(t):
+        return math.sqrt(math.expm1(0.5 * beta_d * t**2 + beta_min * t))
+
+    return Schedule(sigma, lambda t: 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t)),
+                    lambda s: (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(s**2)) - beta_min) / beta_d)
+
+
+def levels_as_times(process: Process, steps: int, levels) -> Tensor:
+    """A grid from a discretisation of sigma~, `levels(n)` -> n decreasing positive levels: steps of them then 0 on a
+    process that reaches sigma = 0, steps + 1 of them (ending at the lowest level) on one that does not (VESDE)."""
+    if float(process.sigma(torch.zeros((), dtype=torch.float64))) != 0:
+        return times_of_sigmas(process, torch.as_tensor(levels(steps + 1), dtype=torch.float64))
+    sigmas = torch.as_tensor(levels(steps), dtype=torch.float64)
+    return times_of_sigmas(process, torch.cat([sigmas, sigmas.new_zeros(1)]))
+
+
+def range_of(process: Process, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
+    """(sigma_min, sigma_max) given, or the process's own sigma~(t_min) and sigma~(t_max) where None."""
+    lowest, highest = process.sigma_tilde_range()
+    return lowest if sigma_min is None else sigma_min, highest if sigma_max is None else sigma_max
+
+
 def karras_times(process: Process, steps: int, sigma_min: float | None = None, sigma_max: float | None = None,
                  rho: float = 7.0) -> Tensor:
     """`karras_sigmas` between the process's own sigma~(t_min) and sigma~(t_max) (or those given), as process times.
 
     On a process that never reaches sigma = 0 (VESDE) the steps end at sigma_min instead of 0.
     """
-    lowest, highest = process.sigma_tilde_range()
-    sigma_min = lowest if sigma_min is None else sigma_min
-    sigma_max = highest if sigma_max is None else sigma_max
-    if float(process.sigma(torch.zeros((), dtype=torch.float64))) != 0:
-        return times_of_sigmas(process, karras_sigmas(steps + 1, sigma_min, sigma_max, rho)[:-1])
-    return times_of_sigmas(process, karras_sigmas(steps, sigma_min, sigma_max, rho))
+    sigma_min, sigma_max = range_of(process, sigma_min, sigma_max)
+    return levels_as_times(process, steps, lambda n: karras_sigmas(n, sigma_min, sigma_max, rho)[:-1])
+
+
+def logsnr_times(process: Process, steps: int, sigma_min: float | None = None,
+                 sigma_max: float | None = None) -> Tensor:
+    """logSNR-uniform levels, sigma~ geometric from sigma_max to sigma_min, then 0 where the process gets there
+    (Lu et al. 2022a's "logSNR" steps; diffusers' use_exponential_sigmas), as process times."""
+    sigma_min, sigma_max = range_of(process, sigma_min, sigma_max)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"logsnr_times needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    return levels_as_times(process, steps, lambda n: torch.logspace(math.log10(sigma_max), math.log10(sigma_min), n,
+                                                                    dtype=torch.float64) if n > 1
+                           else torch.tensor([sigma_max], dtype=torch.float64))
+
+
+def vp_times(process: Process, steps: int, sigma_min: float | None = None, sigma_max: float | None = None,
+             epsilon_s: float = 1e-3) -> Tensor:
+    """EDM's VP discretisation: sigma_VP(t) at t = 1 + i / (N - 1) (epsilon_s - 1), the VP SDE fitted to the range
+    (Karras et al. 2022, Table 1; Song et al. 2021's uniform VP grid), as process times."""
+    sigma_min, sigma_max = range_of(process, sigma_min, sigma_max)
+    sigma = vp_schedule(sigma_min, sigma_max, epsilon_s).sigma
+    return levels_as_times(process, steps, lambda n: [sigma(1 + i / max(n - 1, 1) * (epsilon_s - 1)) for i in range(n)])
+
+
+def iddpm_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tensor:
+    """Improved DDPM's cosine-schedule noise levels u_M = 0 < ... < u_0 as EDM writes them (Karras et al. 2022,
+    Table 1): u_{j-1} = sqrt((u_j^2 + 1) / max(abar_{j-1} / abar_j, C_1) - 1), abar_j = sin^2(pi j / (2 M (C_2 + 1)))."""
+    abar = torch.sin(0.5 * math.pi * torch.arange(M + 1, dtype=torch.float64) / M / (C_2 + 1)) ** 2
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(float(abar[j - 1] / abar[j]), C_1) - 1)
+    return torch.tensor(u, dtype=torch.float64)
+
+
+def iddpm_times(process: Process, steps: int, sigma_min: float | None = None, sigma_max: float | None = None,
+                M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tensor:
+    """EDM's iDDPM discretisation: N evenly strided levels of `iddpm_levels` inside [sigma_min, sigma_max] (Karras
+    et al. 2022, Table 1), as process times."""
+    sigma_min, sigma_max = range_of(process, sigma_min, sigma_max)
+    u = iddpm_levels(M, C_1, C_2)
+    inside = u[(u >= sigma_min) & (u <= sigma_max)]
+    if len(inside) < 2:
+        raise ValueError(f"iddpm_times: fewer than 2 of iDDPM's levels lie in [{sigma_min}, {sigma_max}]")
+
+    def pick(n: int) -> Tensor:
+        if n > len(inside):
+            raise ValueError(f"iddpm_times: {n} levels asked, only {len(inside)} of iDDPM's M={M} lie in the range")
+        return inside[torch.round((len(inside) - 1) / max(n - 1, 1) * torch.arange(n)).long()]
+
+    return levels_as_times(process, steps, pick)
+
+
+def time_quadratic_times(process: Process, steps: int, t_min: float | None = None,
+                         t_max: float | None = None) -> Tensor:
+    """steps + 1 times t_min + (t_max - t_min) (1 - i / steps)^2: dense near the data (DDIM's "quadratic" skip,
+    Song et al. 2021a, app. D.2)."""
+    uniform = uniform_times(process, steps, t_min, t_max)
+    lo, hi = float(uniform[-1]), float(uniform[0])
+    return lo + (hi - lo) * ((uniform - lo) / (hi - lo)) ** 2
 
 
 def geometric_times(process: Process, steps: int, sigma_min: float | None = None,

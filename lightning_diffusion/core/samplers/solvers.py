@@ -3,8 +3,8 @@
 A solver is `solver(denoiser_tilde, x~, sigmas, generator=None, **opts) -> x~` on dx~/dsigma~ = (x~ - D) / sigma~
 (Karras et al. 2022, eq. 4), with x~ = x / alpha and sigma~ = sigma / alpha, so one Heun serves VP, VE, EDM, DDPM and
 flow models alike; `scaled_denoiser` makes `denoiser_tilde(x~, sigma~)` from a process-time denoiser. `pf_ode` is the
-sampler: it maps a process's time grid to sigma~, runs the solver and scales back. Only `heun` with churn uses the
-generator.
+sampler: it maps a process's time grid to sigma~, runs the solver and scales back. The multistep and singlestep
+solvers (`multistep`, `singlestep`) and the stochastic ones (`ancestral_sde`) share the signature.
 """
 
 import math
@@ -50,19 +50,29 @@ def euler(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, generator=None)
     return x
 
 
+def churn(x: Tensor, s: float, n: int, S_churn: float, S_tmin: float, S_tmax: float, S_noise: float,
+          generator: torch.Generator | None) -> tuple[Tensor, float]:
+    """EDM's churn: raise sigma~ to s_hat = s (1 + gamma), gamma = min(S_churn / n, sqrt 2 - 1) inside [S_tmin, S_tmax],
+    by adding noise of std sqrt(s_hat^2 - s^2) S_noise (Karras et al. 2022, Alg. 2, lines 4-6). Returns (x, s_hat)."""
+    gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= s <= S_tmax else 0.0
+    s_hat = s * (1 + gamma)
+    if gamma > 0:
+        x = x + math.sqrt(s_hat**2 - s**2) * S_noise * randn(x, generator)
+    return x, s_hat
+
+
+def check_churn(name: str, S_churn: float, S_noise: float) -> None:
+    if S_churn < 0 or S_noise < 0:
+        raise ValueError(f"{name} needs S_churn >= 0 and S_noise >= 0, got S_churn={S_churn}, S_noise={S_noise}")
+
+
 def heun(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = math.inf, S_noise: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """Heun's 2nd-order method with optional churn (Karras et al. 2022, Alg. 2; S_churn = 0 is Alg. 1)."""
     sigmas = check_grid(sigmas, "sigmas").tolist()
-    if S_churn < 0 or S_noise < 0:
-        raise ValueError(f"heun needs S_churn >= 0 and S_noise >= 0, got S_churn={S_churn}, S_noise={S_noise}")
-    n = len(sigmas) - 1
+    check_churn("heun", S_churn, S_noise)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        # churn: raise the noise level to s_hat = s (1 + gamma) by adding fresh noise
-        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= s <= S_tmax else 0.0
-        s_hat = s * (1 + gamma)
-        if gamma > 0:
-            x = x + math.sqrt(s_hat**2 - s**2) * S_noise * randn(x, generator)
+        x, s_hat = churn(x, s, len(sigmas) - 1, S_churn, S_tmin, S_tmax, S_noise, generator)
         # Euler step from s_hat to s_next
         d = (x - denoiser_tilde(x, levels(x, s_hat))) / s_hat
         x_next = x + (s_next - s_hat) * d
@@ -71,30 +81,6 @@ def heun(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, S_churn: float =
             d_next = (x_next - denoiser_tilde(x_next, levels(x, s_next))) / s_next
             x_next = x + (s_next - s_hat) * (d + d_next) / 2
         x = x_next
-    return x
-
-
-def dpm_solver_pp_2m(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, generator=None) -> Tensor:
-    """DPM-Solver++(2M): multistep data prediction in lambda = -log sigma~ (Lu et al. 2022, Alg. 2).
-
-    First order (DPM-Solver++ 1 = DDIM) on the first step and on a final step to sigma~ = 0, as k-diffusion.
-    """
-    sigmas = check_grid(sigmas, "sigmas").tolist()
-    d_prev, h_prev = None, None
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = denoiser_tilde(x, levels(x, s))
-        if s_next == 0:
-            x = d  # the first-order update with h = inf lands on D
-            continue
-        h = math.log(s / s_next)  # lambda_next - lambda
-        if d_prev is None:
-            d_eff = d
-        else:
-            # linear extrapolation of the data prediction from the last two points (r = h_prev / h)
-            r = h_prev / h
-            d_eff = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
-        x = (s_next / s) * x - math.expm1(-h) * d_eff
-        d_prev, h_prev = d, h
     return x
 
 
@@ -129,7 +115,11 @@ def rk45(denoiser_tilde: DenoiserFn, x: Tensor, sigmas: Tensor, rtol: float = 1e
 
 def pf_ode(denoiser: DenoiserFn, process: Process, x: Tensor, times: Tensor, solver: Callable = heun,
            generator: torch.Generator | None = None) -> Tensor:
-    """Any scaled-space PF-ODE solver on a process time grid: x~ = x / alpha(t_0), solved over sigma~(times), times alpha(t_N)."""
+    """Any scaled-space solver on a process time grid: x~ = x / alpha(t_0), solved over sigma~(times), times alpha(t_N).
+
+    The stochastic scaled-space samplers (`ancestral_sde`: Euler ancestral, the DPM-Solver++ SDEs) run here too: on
+    x~ their noise is that of the process, scaled by 1 / alpha.
+    """
     times = torch.tensor(check_times(process, times), dtype=torch.float64)
     alpha_first, alpha_last = process.alpha(times[[0, -1]]).tolist()
     if alpha_first <= 0:
