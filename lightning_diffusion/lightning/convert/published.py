@@ -71,7 +71,9 @@ def read_tensors(file: Path) -> dict[str, Tensor]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code in it, or a truncated file
-        raise ValueError(f"{file} cannot be read as weights only ({type(err).__name__}: {err}); this project never "
+        lines = str(err).splitlines() or [""]
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])  # torch's key line
+        raise ValueError(f"{file} cannot be read as weights only ({type(err).__name__}: {reason}); this project never "
                          f"unpickles code: export the state dict (tensors only) with the model's own code") from err
 
 
