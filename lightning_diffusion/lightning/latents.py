@@ -173,11 +173,12 @@ class LatentDataModule(DiffusionDataModule):
     z ~ q(z | x) from the moments) and the same first stage (it decodes the samples; checked by its fingerprint).
 
     `shape` is the images' (what the first stage is checked against); the seeded train / val split is the images'
-    own, so `images` (the data module they were encoded from) gives statistics and evaluation their real images.
+    own (seed and val_fraction null: those of the images' data config), so `images` (the data module they were
+    encoded from) gives statistics and evaluation the real images of the same split.
     """
 
     def __init__(self, path: str, image_size: int | None = None, batch_size: int = 128, num_workers: int = 0,
-                 seed: int = 0, val_fraction: float = 0.01, hflip: bool = False):
+                 seed: int | None = None, val_fraction: float | None = None, hflip: bool = False):
         self.out = Path(path)
         if not (self.out / MANIFEST).is_file():
             state = "an unfinished encode: run it again, it resumes" if (self.out / PLAN).is_file() else \
@@ -187,6 +188,9 @@ class LatentDataModule(DiffusionDataModule):
         if hflip and not self.manifest["flips"]:
             raise ValueError(f"hflip=true, but {path} was encoded without mirrored images: encode with flips=true "
                              "into a new out_dir, or hflip=false")
+        images = self.manifest["data"] or {}  # seed / val_fraction null: the images' own split, image for image
+        seed = images.get("seed", 0) if seed is None else seed
+        val_fraction = images.get("val_fraction", 0.1) if val_fraction is None else val_fraction
         super().__init__(batch_size, num_workers, seed, val_fraction, hflip=False)
         self.flips = hflip  # the base class's HFlip would mirror the moments, not encode the mirrored image
         self.shape, self.num_classes = tuple(self.manifest["data_shape"]), self.manifest["num_classes"]
