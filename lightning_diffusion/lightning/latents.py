@@ -52,7 +52,8 @@ def make_plan(datamodule, first_stage, n: int, shard_size: int, flips: bool, dty
     """
     device = next(first_stage.parameters()).device
     probe = fingerprint(first_stage.moments(probe_image(datamodule.shape).to(device)))
-    return {"data": _plain(data_cfg, drop=("batch_size", "num_workers")), "first_stage": _plain(stage_cfg, drop=("scale", "shift")),
+    return {"data": _plain(data_cfg, drop=("batch_size", "num_workers")),
+            "first_stage": _plain(stage_cfg, drop=("scale", "shift")),
             "num_images": n, "shard_size": shard_size, "num_shards": math.ceil(n / shard_size), "flips": flips,
             "dtype": dtype, "data_shape": list(datamodule.shape), "latent_shape": list(first_stage.latent_shape),
             "num_classes": datamodule.num_classes, "probe": probe}

@@ -87,6 +87,7 @@ def test_imported_ddpm_denoiser_equals_diffusers_model_and_scheduler(ddpm):
         reference = torch.cat([scheduler.step(theirs(x[i:i + 1], int(k)).sample, int(k), x[i:i + 1]).pred_original_sample
                                for i, k in enumerate(steps)])
     error = float((ours - reference).abs().max() / reference.abs().max())
+    print(f"D(x, t) at 10 timesteps: max |ours - diffusers| / max |diffusers| = {error:.2e}")
     assert error <= 1e-5, error
 
 
@@ -104,7 +105,8 @@ def test_imported_ddpm_ddim_sample_equals_diffusers_ddim(ddpm):
         times = torch.cat([scheduler.timesteps.double() + 1, torch.zeros(1, dtype=torch.float64)])  # 951, ..., 1, 0
         ours = ddim(model.denoiser, model.process, x.double(), times).float()
     error = float((ours - reference).abs().max() / reference.abs().max())
-    assert error <= 1e-4, error
+    print(f"20-step DDIM sample: max |ours - diffusers| / max |diffusers| = {error:.2e}")
+    assert error <= 1e-5, error
 
 
 def test_imported_run_samples_and_evaluates_unchanged(ddpm, tmp_path):

@@ -107,7 +107,8 @@ def test_bad_score_sde_checkpoints_are_refused_naming_the_file(tmp_path):
             import_model(import_cfg(SCORE_SDE, tmp_path / "c.pth", tmp_path / name))
         assert not (tmp_path / name / "checkpoints").exists(), name
     fake_score_sde(network, source)
-    with pytest.raises(ValueError, match=r"c.pth does not match UNet .*shape mismatches \['emb.features.freqs: \(8,\) != \(16,\)"):
+    mismatch = r"c.pth does not match UNet .*shape mismatches \['emb.features.freqs: \(8,\) != \(16,\)"
+    with pytest.raises(ValueError, match=mismatch):
         import_model(import_cfg([*SCORE_SDE, "network.channels=32"], source, tmp_path / "wider"))
 
 

@@ -28,8 +28,8 @@ def digits_run(tmp_path_factory):
     disagree (an untrained, zero-output network makes every deterministic sampler return the same scaled noise)."""
     run_dir = tmp_path_factory.mktemp("digits_run")
     overrides = [o for o in FAST if not o.startswith(("callbacks.sample_grid.n", "callbacks.final_samples."))]
-    train(compose_config(overrides + ["trainer.max_steps=20", "model.lr_warmup_steps=0", "model.process.T=50", "grid.steps=10",
-                                      "network.channels=16", "callbacks.sample_grid=null",
+    train(compose_config(overrides + ["trainer.max_steps=20", "model.lr_warmup_steps=0", "model.process.T=50",
+                                      "grid.steps=10", "network.channels=16", "callbacks.sample_grid=null",
                                       "callbacks.final_samples=null"], run_dir))
     return run_dir
 
