@@ -57,8 +57,21 @@ def save_unet(folder, config=DDPM_CIFAR10, scheduler=DDPM_SCHEDULER, seed=0):
     return folder
 
 
+LOCAL_DATA: list[str] = []  # the experiment's data (CIFAR-10 from the Hub) as a local folder: set by `local_data`
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_data(tmp_path_factory):
+    """A flat folder of 32x32 RGB PNGs standing in for CIFAR-10 (offline, the Hub data set is refused at build)."""
+    folder = tmp_path_factory.mktemp("cifar_like")
+    save_png_folder(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1, folder / "images")
+    LOCAL_DATA[:] = ["data=image_folder", f"data.path={folder / 'images'}", "data.image_size=32"]
+    yield
+    LOCAL_DATA.clear()
+
+
 def import_overrides(source, *extra):
-    return ["experiment=import_ddpm_cifar10", f"source={source}", *extra]
+    return ["experiment=import_ddpm_cifar10", f"source={source}", *LOCAL_DATA, *extra]
 
 
 def imported(source, run_dir, *extra):
@@ -199,7 +212,8 @@ def test_a_scheduler_other_than_the_process_is_refused(tmp_path):
 
 
 def test_import_without_a_source_or_converter_is_a_config_error(tmp_path):
-    cfg = compose_config(["network=diffusers_ddpm_cifar10", *TINY_NETWORK], tmp_path, config_name="import_model")
+    cfg = compose_config(["network=diffusers_ddpm_cifar10", *TINY_NETWORK, *LOCAL_DATA], tmp_path,
+                         config_name="import_model")
     with pytest.raises(ConfigError, match="import needs source="):
         import_model(cfg)
 
