@@ -70,21 +70,28 @@ def local_data(tmp_path_factory):
     LOCAL_DATA.clear()
 
 
-def import_overrides(source, *extra):
-    return ["experiment=import_ddpm_cifar10", f"source={source}", *LOCAL_DATA, *extra]
+def import_overrides(source, *extra, experiment="import_ddpm_cifar10"):
+    return [f"experiment={experiment}", f"source={source}", *LOCAL_DATA, *extra]
 
 
-def imported(source, run_dir, *extra):
-    return import_model(compose_config(import_overrides(source, *extra), run_dir, config_name="import_model"))
+def imported(source, run_dir, *extra, experiment="import_ddpm_cifar10"):
+    cfg = compose_config(import_overrides(source, *extra, experiment=experiment), run_dir, config_name="import_model")
+    return import_model(cfg)
 
 
 @pytest.fixture(scope="module")
-def ddpm(tmp_path_factory):
+def published(tmp_path_factory):
+    return save_unet(tmp_path_factory.mktemp("ddpm_cifar10") / "published")
+
+
+# as diffusers' UNet2DModel itself (DiffusersUNet), and converted into the project's DDPM U-Net
+@pytest.fixture(scope="module", params=["import_ddpm_cifar10", "import_ddpm_cifar10_unet"])
+def ddpm(request, published, tmp_path_factory):
     """(published folder, imported checkpoint, our model, diffusers' own UNet2DModel and DDPMScheduler)."""
-    root = tmp_path_factory.mktemp("ddpm_cifar10")
-    source = save_unet(root / "published")
-    ckpt = imported(source, root / "run")
+    source = published
+    ckpt = imported(source, tmp_path_factory.mktemp("run"), experiment=request.param)
     model, _ = load_model(ckpt)
+    assert type(model.denoiser.network).__name__ == ("UNet" if request.param.endswith("unet") else "DiffusersUNet")
     theirs = diffusers.UNet2DModel.from_pretrained(source).eval()
     scheduler = diffusers.DDPMScheduler.from_pretrained(source, clip_sample=False)
     return source, ckpt, model, theirs, scheduler
@@ -100,7 +107,8 @@ def test_imported_ddpm_denoiser_equals_diffusers_model_and_scheduler(ddpm):
         reference = torch.cat([scheduler.step(theirs(x[i:i + 1], int(k)).sample, int(k), x[i:i + 1]).pred_original_sample
                                for i, k in enumerate(steps)])
     error = float((ours - reference).abs().max() / reference.abs().max())
-    print(f"D(x, t) at 10 timesteps: max |ours - diffusers| / max |diffusers| = {error:.2e}")
+    print(f"{type(model.denoiser.network).__name__}: D(x, t) at 10 timesteps, max |ours - diffusers| / max |diffusers| "
+          f"= {error:.2e}")
     assert error <= 1e-5, error
 
 
@@ -118,7 +126,8 @@ def test_imported_ddpm_ddim_sample_equals_diffusers_ddim(ddpm):
         times = torch.cat([scheduler.timesteps.double() + 1, torch.zeros(1, dtype=torch.float64)])  # 951, ..., 1, 0
         ours = ddim(model.denoiser, model.process, x.double(), times).float()
     error = float((ours - reference).abs().max() / reference.abs().max())
-    print(f"20-step DDIM sample: max |ours - diffusers| / max |diffusers| = {error:.2e}")
+    print(f"{type(model.denoiser.network).__name__}: 20-step DDIM sample, max |ours - diffusers| / max |diffusers| "
+          f"= {error:.2e}")
     assert error <= 1e-5, error
 
 
@@ -143,6 +152,12 @@ def test_the_imported_config_records_c_noise_and_the_source(ddpm):
     assert model.denoiser.parameterization.c_noise.func.__name__ == "ddpm_step"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved["imported"]["source"].endswith("published") and saved["global_step"] == 0
+
+
+def test_the_project_unet_must_be_the_one_the_config_converts_to(published, tmp_path):
+    with pytest.raises(ValueError, match=r"embedding_scale 250.0.*is not the UNet this UNet2DModel converts to"):
+        imported(published, tmp_path / "run", "network.embedding_scale=null", experiment="import_ddpm_cifar10_unet")
+    assert no_checkpoint_written(tmp_path / "run")
 
 
 # ---------------------------------------------------------------- refusals, before compute

@@ -18,6 +18,9 @@ from ...core.parameterizations import EpsPrediction, VPrediction, X0Prediction
 from ...core.processes import cosine_betas
 from ...networks.adapters import DiffusersAutoencoder, DiffusersUNet, architecture, plain
 from ...networks.first_stage import FirstStage
+from ...networks.layers import AttnBlock
+from ...networks.unet import UNet
+from .diffusers_unet import convert_state_dict, unet_kwargs
 from .published import load_checked, read_config, read_weights, resolve_source
 
 TARGETS = {"epsilon": EpsPrediction, "sample": X0Prediction, "v_prediction": VPrediction}
@@ -76,11 +79,25 @@ def check_schedule(scheduler: dict, denoiser: Denoiser, folder: Path) -> None:
                          f"model.parameterization is {denoiser.parameterization!r}")
 
 
-def unet2d_weights(source: str, denoiser: Denoiser, convert: Callable[[dict], dict] | None = None) -> dict:
+def to_project_unet(config: dict, state: dict, network) -> dict:
+    """diffusers' UNet2DModel weights for the project's DDPM U-Net (`diffusers_unet`'s key table), refused unless the
+    network is the UNet that config converts to: the options its state dict does not show, the embedding scale and
+    the attention heads, are compared too (shapes are compared when the weights load)."""
+    kwargs = unet_kwargs(config)
+    scale = getattr(getattr(getattr(network, "emb", None), "features", None), "scale", None)
+    heads = {m.num_heads for m in network.modules() if isinstance(m, AttnBlock)}
+    if not isinstance(network, UNet) or scale != kwargs["embedding_scale"] or heads != {kwargs["num_heads"]}:
+        raise ValueError(f"the network ({type(network).__name__}, embedding_scale {scale}, attention heads "
+                         f"{sorted(heads)}) is not the UNet this UNet2DModel converts to: network=unet_ddpm_cifar10 "
+                         f"with {kwargs} (embedding_scale: {kwargs['embedding_scale']})")
+    return convert_state_dict(state, len(kwargs["channel_mult"]), kwargs["num_res_blocks"])
+
+
+def unet2d_weights(source: str, denoiser: Denoiser, convert: Callable[[dict, dict, object], dict] | None = None) -> dict:
     """A published `UNet2DModel`'s state dict for `denoiser.network`, checked against its config and scheduler.
 
-    Without `convert` the network is a `DiffusersUNet` of the same architecture; `convert` maps diffusers' state
-    dict to another network's (e.g. the project's own DDPM U-Net).
+    Without `convert` the network is a `DiffusersUNet` of the same architecture; `convert(config, state, network)`
+    maps diffusers' state dict to another network's (`to_project_unet`: the project's own DDPM U-Net).
     """
     folder = resolve_source(source, "UNet2DModel", "unet")
     config = read_config(folder, "UNet2DModel")
@@ -94,7 +111,7 @@ def unet2d_weights(source: str, denoiser: Denoiser, convert: Callable[[dict], di
     if scheduler is not None:
         check_schedule(scheduler, denoiser, folder)
     state = read_weights(folder)
-    return convert(state) if convert is not None else {f"model.{k}": v for k, v in state.items()}
+    return convert(config, state, network) if convert is not None else {f"model.{k}": v for k, v in state.items()}
 
 
 def autoencoder_kl(source: str, image_size: int | None = None, scale: float | Sequence[float] | None = None,
