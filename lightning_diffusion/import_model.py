@@ -1,4 +1,4 @@
-"""Import a published model as a run of ours: `python -m lightning_diffusion.import_model experiment=import_<name>
+"""Import a published model as a run of ours: `python -m lightning_diffusion.import_model published=<name>
 source=<hub id, folder or file> [hydra.run.dir=<run dir>]`.
 
 Writes <run dir>/config.yaml and <run dir>/checkpoints/imported.ckpt (`lightning.convert.imported`); `sample`,

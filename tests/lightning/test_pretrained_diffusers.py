@@ -70,12 +70,12 @@ def local_data(tmp_path_factory):
     LOCAL_DATA.clear()
 
 
-def import_overrides(source, *extra, experiment="import_ddpm_cifar10"):
-    return [f"experiment={experiment}", f"source={source}", *LOCAL_DATA, *extra]
+def import_overrides(source, *extra, published="ddpm_cifar10"):
+    return [f"published={published}", f"source={source}", *LOCAL_DATA, *extra]
 
 
-def imported(source, run_dir, *extra, experiment="import_ddpm_cifar10"):
-    cfg = compose_config(import_overrides(source, *extra, experiment=experiment), run_dir, config_name="import_model")
+def imported(source, run_dir, *extra, published="ddpm_cifar10"):
+    cfg = compose_config(import_overrides(source, *extra, published=published), run_dir, config_name="import_model")
     return import_model(cfg)
 
 
@@ -85,11 +85,11 @@ def published(tmp_path_factory):
 
 
 # as diffusers' UNet2DModel itself (DiffusersUNet), and converted into the project's DDPM U-Net
-@pytest.fixture(scope="module", params=["import_ddpm_cifar10", "import_ddpm_cifar10_unet"])
+@pytest.fixture(scope="module", params=["ddpm_cifar10", "ddpm_cifar10_unet"])
 def ddpm(request, published, tmp_path_factory):
     """(published folder, imported checkpoint, our model, diffusers' own UNet2DModel and DDPMScheduler)."""
     source = published
-    ckpt = imported(source, tmp_path_factory.mktemp("run"), experiment=request.param)
+    ckpt = imported(source, tmp_path_factory.mktemp("run"), published=request.param)
     model, _ = load_model(ckpt)
     assert type(model.denoiser.network).__name__ == ("UNet" if request.param.endswith("unet") else "DiffusersUNet")
     theirs = diffusers.UNet2DModel.from_pretrained(source).eval()
@@ -156,7 +156,7 @@ def test_the_imported_config_records_c_noise_and_the_source(ddpm):
 
 def test_the_project_unet_must_be_the_one_the_config_converts_to(published, tmp_path):
     with pytest.raises(ValueError, match=r"embedding_scale 250.0.*is not the UNet this UNet2DModel converts to"):
-        imported(published, tmp_path / "run", "network.embedding_scale=null", experiment="import_ddpm_cifar10_unet")
+        imported(published, tmp_path / "run", "network.embedding_scale=null", published="ddpm_cifar10_unet")
     assert no_checkpoint_written(tmp_path / "run")
 
 

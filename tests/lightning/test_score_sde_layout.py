@@ -109,8 +109,8 @@ def test_a_checkpoint_in_their_layout_imports_to_the_same_denoiser(variant, tmp_
         torch.testing.assert_close(imported.denoiser(x, t), model.denoiser(x, t), rtol=0, atol=0)
 
 
-def test_the_import_experiment_composes_their_vp_model(tmp_path):
-    cfg = compose_config(["experiment=import_ddpmpp_cont_vp", "data=digits16", "network.channels=16",
+def test_the_published_config_composes_their_vp_model(tmp_path):
+    cfg = compose_config(["published=ddpmpp_cont_vp", "data=digits16", "network.channels=16",
                           "network.channel_mult=[1,2,2]", "network.num_blocks=1", "network.attn_resolutions=[8]"],
                          tmp_path, config_name="import_model")
     _, model, _ = build(cfg)

@@ -2,7 +2,7 @@
 checkpoints/imported.ckpt (Lightning's `state_dict` layout), which `sample`, `evaluate` and `tables` read unchanged,
 and from which training can start (`load_weights`).
 
-The config is a training config like any other (conf/experiment/import_*.yaml: the family, network, c_noise and data
+The config is a training config like any other (conf/published/<name>.yaml: the family, network, c_noise and data
 the published model was trained with) plus `source` (where the published model is) and `weights` (a partial
 `weights(source, denoiser) -> network state dict`: the converter of that format, checked before it is written).
 """
@@ -29,7 +29,7 @@ def import_model(cfg: DictConfig) -> Path:
     """
     if not cfg.get("source") or not cfg.get("weights"):
         raise ConfigError("import needs source=<hub id, folder or file of the published model> and a weights "
-                          "converter (an experiment=import_* sets one)")
+                          "converter (a published=<name> config, conf/published/, sets both)")
     _, model, _ = build(cfg)
     network = model.denoiser.network
     state = instantiate(cfg.weights)(source=cfg.source, denoiser=model.denoiser)
