@@ -1,17 +1,23 @@
 """Composing the project's Hydra configs in tests, as the command line would."""
 
+import io
+import json
 import math
 import os
+import zipfile
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from PIL import Image
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from lightning_diffusion.lightning.data import to_uint8
 from lightning_diffusion.lightning.tracking import register_resolvers
 
 TESTS = Path(__file__).resolve().parent
@@ -129,3 +135,22 @@ class SlowSteps(L.Callback):
 
     def on_train_batch_end(self, trainer, *args):
         time.sleep(self.seconds)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_edm_zip(path, images: torch.Tensor, labels: list[int] | None, json_labels="auto", truncate: int | None = None):
+    """images (N, 1, H, W) in [-1, 1] as EDM's layout; `json_labels` overrides dataset.json's labels entry."""
+    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
+    with zipfile.ZipFile(path, "w") as z:
+        for i, (name, image) in enumerate(zip(names, to_uint8(images))):
+            data = png(image[0].numpy())
+            z.writestr(name, data[: len(data) // 2] if i == truncate else data)
+        if json_labels is not None:
+            entries = [[n, y] for n, y in zip(names, labels)] if labels is not None else None
+            z.writestr("dataset.json", json.dumps({"labels": entries if json_labels == "auto" else json_labels}))
+    return path, names

@@ -92,6 +92,10 @@ def build(cfg: DictConfig):
     """Instantiate data, network, model, callbacks, loggers and trainer from a composed config, checking it first."""
     schema.check(cfg, ("data", *schema.TOP_LEVEL))
     datamodule = make(cfg.data, "data")
+    try:
+        datamodule.check_source()
+    except OSError as err:  # ConnectionError: a Hub data set offline and not cached
+        raise ConfigError(f"data: {err}") from err
     schema.check(cfg, ("first_stage",))
     first_stage = make(cfg.first_stage, "first_stage") if cfg.get("first_stage") else None
     register_data_stats(datamodule, first_stage)

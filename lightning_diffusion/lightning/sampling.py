@@ -37,12 +37,15 @@ def _plain(node) -> dict:
 
 
 def sampler_label(sampler_cfg, grid_cfg) -> str:
-    """`<sampler>-<grid>`, e.g. `heun-karras`, `ancestral-strided`: the solver names a PF-ODE sampler."""
+    """`<sampler>-<grid>`, e.g. `heun-karras`, `ancestral-strided`, `unipc-order2-bh1-logsnr`: the solver names a
+    PF-ODE sampler, with its order and variant where it has them."""
     sampler, grid = _plain(sampler_cfg), _plain(grid_cfg)
-    name = sampler["_target_"].rsplit(".", 1)[-1]
     if isinstance(sampler.get("solver"), dict):
-        name = sampler["solver"]["_target_"].rsplit(".", 1)[-1]
-    return f"{name}-{grid['_target_'].rsplit('.', 1)[-1].removesuffix('_times')}"
+        sampler = sampler["solver"]
+    parts = [sampler["_target_"].rsplit(".", 1)[-1]]
+    parts += [f"order{sampler['order']}"] if "order" in sampler else []
+    parts += [str(sampler["variant"])] if "variant" in sampler else []
+    return "-".join([*parts, grid["_target_"].rsplit(".", 1)[-1].removesuffix("_times")])
 
 
 def output_stem(sampler_cfg, grid_cfg, nfe: int, **setting) -> str:

@@ -1,7 +1,8 @@
 """The sbatch scripts on a real one-node SLURM (slurmctld + slurmd + munge, started and stopped by the test).
 
-A signal to the batch shell (`scancel --signal=USR1 --batch`) reaches both ranks, which checkpoint at one step and
-requeue, and the rerun resumes (the time limit's `--signal=USR1@N` is the same signal to the same ranks); a Hydra
+A training job whose time runs out (`--signal=USR1@N`) requeues and completes across allocations; a signal to the
+batch shell (`scancel --signal=USR1 --batch`) reaches both ranks, which checkpoint at one step and requeue, and the
+rerun resumes; a Hydra
 multirun through hydra-submitit-launcher (conf/hydra/launcher/slurm.yaml) requeues through CheckpointOnSignal the
 same way; sweep trials train on their allocation (trainer=slurm, the job's tasks) with every override; an offline
 sweep job array runs every element.
@@ -84,6 +85,27 @@ def release_requeues(cluster, job, until_done: float) -> dict:
             cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         time.sleep(1)
     raise TimeoutError(f"job {job} not done within {until_done}s: {cluster.job(job)}")
+
+
+def test_a_job_whose_time_runs_out_requeues_and_completes_across_allocations(cluster, tmp_path):
+    """--time=3 minutes, --signal=USR1@60 and ~130 s of training (every step slowed to 0.1 s, so on any machine):
+    SLURM sends the signal 60-90 s before the limit (its timer runs every 30 s), after start-up (~30 s); both ranks
+    save last.ckpt at one step, the job requeues, and the next allocation finishes the run."""
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch(SLURM / "train_single_node.sbatch", *TRAIN, "trainer.max_steps=1300",
+                         "+callbacks.slow._target_=helpers.SlowSteps", cwd=ROOT,
+                         options=("--gpus-per-node=0", "--cpus-per-task=1", "--time=3", "--signal=USR1@60",
+                                  "--ntasks-per-node=2", f"--export=ALL,RUN_DIR={run_dir},PYTHONPATH={TESTS}",
+                                  f"--output={tmp_path}/slurm-%j.out"))
+    record = release_requeues(cluster, job, 540)
+    text = (run_dir / "logs" / f"train-{job}.log").read_text()
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", (record, text[-4000:])
+    restarts = int(record["Restarts"])
+    stops = [int(s) for s in re.findall(r"stopped by a signal at step (\d+)", text)]
+    assert restarts >= 1 and len(stops) == restarts and stops == sorted(stops), (restarts, stops, text[-3000:])
+    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 1300 and (run_dir / "metrics.json").is_file()
+    assert not (tmp_path / f"slurm-{job}.out").exists()
+    print(f"{restarts + 1} allocations; the time-limit signal stopped them at steps {stops}")
 
 
 def test_a_signal_to_the_batch_shell_requeues_and_resumes(cluster, tmp_path):

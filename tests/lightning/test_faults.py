@@ -154,7 +154,7 @@ def test_a_wandb_server_that_answers_but_fails_turns_the_run_offline(server, tmp
     ("grid.steps=0", r"grid\.steps=0: need an int >= 1"),
     ("trainer.max_steps=inf", r"trainer\.max_steps=inf: .*Trainer's max_steps takes int"),
     ("callbacks.checkpoint.every_n_train_steps=[]", r"callbacks\.checkpoint\.every_n_train_steps=\[\]"),
-    ("trainer.max_steps=0", r"trainer\.max_steps=0: need -1 or an int >= 1"),
+    ("trainer.max_steps=-3", r"trainer\.max_steps=-3: need -1 or 0 or an int >= 1"),
     ("model.optimizer.lr=0", r"model\.optimizer\.lr=0: need a finite number > 0"),
     ("model.learned_variance={}", r"model\.learned_variance=\{\}: .*takes bool"),
     ("model.learned_variance='no'", r"model\.learned_variance='no': .*takes bool"),

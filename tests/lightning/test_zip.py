@@ -4,7 +4,6 @@ The zips here are written the way EDM's dataset_tool.py writes them (`00000/img0
 [[name, class], ...] or null) from the 8x8 digits, so every decoded pixel can be compared with the source.
 """
 
-import io
 import json
 import math
 import pickle
@@ -15,29 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import FAST, compose_config
+from helpers import FAST, compose_config, write_edm_zip
 from lightning_diffusion.lightning.data import DigitsDataModule, from_uint8, to_uint8
 from lightning_diffusion.lightning.data.zip import ZipDataModule, adm_center_crop
 from lightning_diffusion.train import train
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="png")
-    return buffer.getvalue()
-
-
-def write_edm_zip(path, images: torch.Tensor, labels: list[int] | None, json_labels="auto", truncate: int | None = None):
-    """images (N, 1, H, W) in [-1, 1] as EDM's layout; `json_labels` overrides dataset.json's labels entry."""
-    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
-    with zipfile.ZipFile(path, "w") as z:
-        for i, (name, image) in enumerate(zip(names, to_uint8(images))):
-            data = png(image[0].numpy())
-            z.writestr(name, data[: len(data) // 2] if i == truncate else data)
-        if json_labels is not None:
-            entries = [[n, y] for n, y in zip(names, labels)] if labels is not None else None
-            z.writestr("dataset.json", json.dumps({"labels": entries if json_labels == "auto" else json_labels}))
-    return path, names
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,10 @@ class DiffusionDataModule(L.LightningDataModule):
         """The whole dataset as (x, y) pairs, x in the model's space, y a long scalar; called in `setup`."""
         raise NotImplementedError
 
+    def check_source(self) -> None:
+        """Raise now, before a network is built, if the data cannot be reached (the builder calls it); constructing
+        a data module touches no data."""
+
     def load_held_out(self) -> Dataset | None:
         """A validation set of its own (another split), or None: validation holds out `val_fraction` of `load()`."""
         return None

@@ -163,7 +163,10 @@ class ImageDataModule(DiffusionDataModule):
             raise ValueError(f"num_classes={num_classes!r} for label_column={label_column!r}: set data.num_classes "
                              f"(an int >= 1), or label_column=null for unlabeled data")
         self.label_column, self.num_classes = label_column, num_classes
-        if name is not None and hub_offline():  # not cached: say so now, not after the network and model are built
+
+    def check_source(self) -> None:
+        """A Hub data set offline that is not in the local cache: the ConnectionError naming data.path, now."""
+        if self.name is not None and hub_offline():
             self._load_hf()
 
     def _load_saved(self, split: str | None = None) -> datasets.Dataset:

@@ -25,6 +25,24 @@ from .logsnr_bins import LogsnrBins
 from .optim import with_linear_warmup
 
 
+def check_options(process: Process, label_dropout: float, learned_variance: bool, nonfinite: str,
+                  cache_without_first_stage: bool, guidance_scale: float, num_classes: int) -> None:
+    """A ValueError naming the value and what is accepted, before anything is built."""
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout}")
+    if learned_variance and not process.discrete:
+        raise ValueError(f"learned_variance=True is improved DDPM's (a DiscreteDDPM process), got {process!r}: "
+                         "use learned_variance=false, or model=ddpm")
+    if nonfinite not in ("stop", "skip"):
+        raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+    if cache_without_first_stage:
+        raise ValueError("latent_cache=True caches a first stage's latents, but there is no first_stage "
+                         "(pick one with first_stage=..., or latent_cache=false)")
+    if guidance_scale != 1.0 and num_classes == 0:
+        raise ValueError(f"guidance_scale={guidance_scale} needs labelled data, but num_classes=0 "
+                         "(use guidance_scale=1.0, or a data set with labels)")
+
+
 class DiffusionModel(L.LightningModule):
     """Trains D(x_t, t) with L = E_{t ~ p(t)} [w(t) ||eps_hat - eps||^2] and draws samples with any sampler and grid.
 
@@ -71,21 +89,9 @@ class DiffusionModel(L.LightningModule):
         compile_network: bool = False,
         gradient_checkpointing: Sequence[str] = (),
     ):
-        # long for its one argument per axis of the design space (half of it is the signature), each checked here
         super().__init__()
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout}")
-        if learned_variance and not process.discrete:
-            raise ValueError(f"learned_variance=True is improved DDPM's (a DiscreteDDPM process), got {process!r}: "
-                             "use learned_variance=false, or model=ddpm")
-        if nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
-        if latent_cache and first_stage is None:
-            raise ValueError("latent_cache=True caches a first stage's latents, but there is no first_stage "
-                             "(pick one with first_stage=..., or latent_cache=false)")
-        if guidance_scale != 1.0 and num_classes == 0:
-            raise ValueError(f"guidance_scale={guidance_scale} needs labelled data, but num_classes=0 "
-                             "(use guidance_scale=1.0, or a data set with labels)")
+        check_options(process, label_dropout, learned_variance, nonfinite, latent_cache and first_stage is None,
+                      guidance_scale, num_classes)
         if augment is not None:
             augment.check_network(network, latent=first_stage is not None)
         if gradient_checkpointing:
