@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 
 from helpers import FAST, ROOT, compose_config, entry_point_env
 from lightning_diffusion.core import samplers as S
-from lightning_diffusion.core.processes import VPSDE
+from lightning_diffusion.core.processes import VPSDE, ddpm, linear_betas
+from lightning_diffusion.core.samplers.optimize import LogSigmaGrid
 from lightning_diffusion.lightning.checkpoints import load_model
 from lightning_diffusion.lightning.optimized_grids import grid_path, optimize_checkpoint_grid, optimized_times
 from lightning_diffusion.sample import sample
@@ -98,3 +99,14 @@ def test_optimize_grid_entry_point(toy_checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dpm_solver_pp_3m-nfe6.json" in done.stdout
     assert json.loads(grid_path(ckpt, "dpm_solver_pp_3m-nfe6").read_text())["steps"] == 6
+
+
+def test_every_point_of_the_search_space_is_a_strictly_decreasing_grid():
+    """Softmax gaps of -900 would underflow to 0 (two equal levels, which the sampler refuses mid-search): the
+    floor keeps every candidate valid, and a grid's coordinates give it back."""
+    process = ddpm(linear_betas, T=1000)
+    start = S.logsnr_times(process, 10)
+    param = LogSigmaGrid(process, start)
+    for z in (np.full(param.free + 1, -900.0), np.r_[0.0, -900.0, -900.0, 900.0, np.zeros(param.free - 3)]):
+        assert (torch.diff(param.times(z)) < 0).all()
+    torch.testing.assert_close(param.times(param.coordinates(start)), start, rtol=0, atol=0.2)

@@ -29,7 +29,8 @@ def grid_error(sampler: Callable, denoiser: DenoiserFn, process: Process, x: Ten
 
 
 class LogSigmaGrid:
-    """Decreasing grids with a fixed first level: inner levels at log sigma~ = u_0 - (u_0 - u_end) cumsum(softmax(z)).
+    """Decreasing grids with a fixed first level: inner levels at log sigma~ = u_0 - (u_0 - u_end) cumsum(gaps), the
+    gaps softmax(z) above a floor.
 
     With a clean end (the grid's last time has sigma~ = 0) every positive level after the first is free and the
     lowest stays above the process's own lowest level; otherwise (VESDE) the last positive level is fixed too.
@@ -46,8 +47,14 @@ class LogSigmaGrid:
         self.u_first = math.log(float(positive[0]))
         self.u_end = math.log(float(process.sigma_tilde_range()[0]) if self.clean_end else float(positive[-1]))
 
+    def floor(self) -> float:
+        """The least gap, a fraction of the log range (1e-3 of it spread over the gaps): softmax alone can make a gap
+        underflow and two levels, hence two times, equal."""
+        return 1e-3 / (self.free + 1)
+
     def levels(self, z: np.ndarray) -> Tensor:
-        gaps = torch.softmax(torch.as_tensor(z, dtype=torch.float64), 0)  # free + 1 gaps summing to 1
+        shares = torch.softmax(torch.as_tensor(z, dtype=torch.float64), 0)  # free + 1 gaps summing to 1
+        gaps = self.floor() + (1 - (self.free + 1) * self.floor()) * shares
         u = self.u_first - (self.u_first - self.u_end) * torch.cumsum(gaps, 0)[:self.free]
         sigmas = torch.cat([torch.tensor([self.u_first], dtype=torch.float64), u]).exp()
         if not self.clean_end:
@@ -62,8 +69,9 @@ class LogSigmaGrid:
         sigmas = sigmas_of_times(self.process, times)
         positive = sigmas[sigmas > 0].log()
         u = torch.cat([positive, torch.tensor([self.u_end], dtype=torch.float64)]) if self.clean_end else positive
-        gaps = (u[:-1] - u[1:]).clamp(min=1e-12)
-        return gaps.log().numpy()
+        gaps = (u[:-1] - u[1:]) / (u[0] - u[-1])
+        shares = (gaps - self.floor()) / (1 - (self.free + 1) * self.floor())
+        return shares.clamp(min=1e-12).log().numpy()
 
 
 def optimize_times(sampler: Callable, denoiser: DenoiserFn, process: Process, x: Tensor, reference: Tensor,
