@@ -149,9 +149,9 @@ def png_folder(root: Path, n: int, size: int = 32, classes: int = 10) -> Path:
     return root
 
 
-def loader_rate(cfg, folder: Path, cache: Path, batches_timed: int) -> float:
-    """Images/s of the recipe's train loader alone (after its first batch: workers started)."""
-    datamodule = instantiate(cfg.data, name=None, path=str(folder), image_column="image", cache_dir=str(cache))
+def loader_rate(cfg, folder: Path, batches_timed: int) -> float:
+    """Images/s of the recipe's train loader alone (after its first batch: workers started), over `folder`."""
+    datamodule = instantiate(cfg.data)
     loader = iter(datamodule.train_dataloader())
     next(loader)
     start = time.perf_counter()
@@ -185,7 +185,15 @@ def main():
     args = arguments()
     header("GPU training throughput: ours vs a hand-written loop of the same network, and the loader alone", args.quick)
     warmup, timed, rounds = (1, 2, 1) if args.quick else (10, 30, 2)
-    overrides = (["data.batch_size=8"] if args.quick else []) + args.overrides
+    with tempfile.TemporaryDirectory() as tmp:  # the recipe's data: a folder of PNGs in its shape (offline)
+        n = 64 if args.quick else 10_000
+        folder = png_folder(Path(tmp) / "images", n, recipe(args.overrides, 1, tmp).data.image_size)
+        overrides = ((["data.batch_size=8"] if args.quick else []) + ["data.name=null", f"data.path={folder}",
+                     "data.image_column=image", f"data.cache_dir={Path(tmp) / 'cache'}"] + args.overrides)
+        measure(args, overrides, warmup, timed, rounds, folder)
+
+
+def measure(args, overrides: list[str], warmup: int, timed: int, rounds: int, folder: Path) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = recipe(overrides, warmup + timed, run_dir)
         _, model, _ = build(cfg)  # fills cfg.data_meta, which the hand loop's network reads
@@ -195,10 +203,7 @@ def main():
     del model
     budget = Budget(time.perf_counter() + args.budget, args.budget, rounds, batch)
     # first what the goals compare (the loader, the eager step), compilation last: it takes the longest
-    with tempfile.TemporaryDirectory() as tmp:
-        n = 64 if args.quick else 10_000
-        folder = png_folder(Path(tmp) / "images", n, cfg.data.image_size)
-        loader = loader_rate(cfg, folder, Path(tmp) / "cache", min(n // batch - 2, 15))
+    loader = loader_rate(cfg, folder, min(len(list(folder.rglob("*.png"))) // batch - 2, 15))
     eager = {"ours eager": lambda: run_ours(overrides, data, warmup, timed, ["model.augment=null"]),
              "hand eager": lambda h=HandLoop(cfg, compiled=False): h.run(data, warmup, timed)}
     if augment is not None:
