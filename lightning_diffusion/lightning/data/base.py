@@ -121,7 +121,7 @@ class DiffusionDataModule(L.LightningDataModule):
                                   rank=trainer.global_rank if trainer else 0, shuffle=shuffle, seed=self.seed)
         return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                                   generator=torch.Generator().manual_seed(self.seed + 1), collate_fn=collate_pair,
-                                  persistent_workers=self.num_workers > 0)
+                                  persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         self._ensure_setup()
