@@ -80,8 +80,8 @@ def check_pairs(model, callbacks: dict) -> None:
     """Each callback made for one kind of model (ForModel) is refused, naming both choices, with another."""
     for name, callback in callbacks.items():
         if isinstance(callback, ForModel) and not isinstance(model, callback.model_type):
-            raise ConfigError(f"{choice('callbacks')} has callbacks.{name} ({type(callback).__name__}), made for the model "
-                              f"{callback.model_type.__name__}, but {choice('model')} builds {type(model).__name__}: "
+            raise ConfigError(f"{choice('callbacks')} has callbacks.{name} ({type(callback).__name__}), made for the "
+                              f"model {callback.model_type.__name__}, but {choice('model')} builds {type(model).__name__}: "
                               "pick callbacks of this model (e.g. callbacks=autoencoder with experiment=autoencoder)")
 
 
@@ -112,6 +112,9 @@ def build(cfg: DictConfig):
         if cfg.get("guidance_scale") is None:  # written down resolved, so the run directory says what it sampled with
             cfg.guidance_scale = 2.0 if num_classes else 1.0
     schema.check(cfg, ALL_PARTS[1:])
+    if cfg.model.get("augment") and cfg.data.get("hflip"):  # EDM turns its data's x-flips off with --augment
+        raise ConfigError("model.augment (augment=edm) draws labelled x-flips, but data.hflip=true flips images "
+                          "without a label (which the network would learn as un-flipped): set data.hflip=false")
     extra = {"first_stage": first_stage} if first_stage is not None else {}
     try:
         network = make(cfg.network, "network")

@@ -203,6 +203,12 @@ def test_a_network_without_augmentation_labels_is_refused_before_compute(tmp_pat
         build(compose_config(["data=digits", "augment=edm"], tmp_path))
 
 
+def test_the_datas_own_flips_are_refused_with_augmentation(tmp_path):
+    message = r"model.augment \(augment=edm\) draws labelled x-flips, but data.hflip=true .*data.hflip=false"
+    with pytest.raises(ConfigError, match=message):
+        build(compose_config(["data=digits", "augment=edm", "+network.augment_dim=9", "data.hflip=true"], tmp_path))
+
+
 def test_training_conditions_on_the_labels_and_sampling_on_none(tmp_path):
     """Every training call gets the (B, 9) labels the pipe drew for its batch; validation and sampling get none."""
     datamodule, model, trainer = build(compose_config(DIGITS + ["trainer.max_steps=2", "trainer.val_check_interval=2"],
