@@ -8,6 +8,7 @@
 """
 
 import csv
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -16,7 +17,6 @@ from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_warn
 
 from .artifacts import atomic_write
 
@@ -109,10 +109,13 @@ class WandbLogger(LightningWandbLogger):
         import wandb
 
         server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-        rank_zero_warn(f"W&B at {server} could not start this run ({type(err).__name__}: {err}); logging offline to "
-                       f"{self.save_dir}/wandb instead. Upload later with `wandb sync {self.save_dir}/wandb/offline-run-*`")
+        # logged, not warnings.warn: PYTHONWARNINGS=ignore (or a warnings filter) must not hide where the logs went
+        logging.getLogger(__name__).warning(
+            f"W&B at {server} could not start this run ({type(err).__name__}: {err}); logging offline to "
+            f"{self.save_dir}/wandb instead. Upload later with `wandb sync {self.save_dir}/wandb/offline-run-*`")
         if wandb.run is not None:
             wandb.finish(exit_code=1, quiet=True)
+        wandb.teardown()  # the failed start can leave the run id held by W&B's service ("run ID ... is in use")
         self._offline = True
         self._wandb_init["mode"] = "offline"
         self._experiment = None

@@ -34,7 +34,7 @@ RANGES: dict[str, tuple[Callable, str]] = {  # dotted key (fnmatch pattern) -> (
     "trainer.max_epochs": _positive_int_or(-1, None),
     "trainer.val_check_interval": (lambda v: v is None or v > 0, "null, an int >= 1 (steps) or a fraction in (0, 1]"),
     "trainer.log_every_n_steps": _positive_int_or(),
-    "trainer.limit_val_batches": (lambda v: v >= 0, "a number >= 0 (batches, or a fraction of them)"),
+    "trainer.limit_val_batches": (lambda v: v is None or v >= 0, "null (all), or a number >= 0 (batches, or a fraction)"),
     "trainer.gradient_clip_val": (lambda v: v is None or 0 < v < math.inf, "null or a finite number > 0"),
     "trainer.accumulate_grad_batches": _positive_int_or(),
     "model.lr_warmup_steps": (lambda v: v >= 0, "an int >= 0"),
