@@ -105,7 +105,7 @@ def digits_problem(args, n: int, seeds: list[int], work: Path) -> tuple[dict, st
     problem = {"denoiser_of": lambda n: model.guided_denoiser(class_labels(n, model.num_classes, model.device), None),
                "shape": tuple(model.sample_shape), "n": n,
                "score": lambda x, seed: frechet_distance(extract_features(extractor, x.float().clamp(-1, 1))["64"],
-                                                         real), "floor": None, "opt_n": 32 if args.quick else 128,
+                                                         real), "floor": None, "opt_n": 32 if args.quick else 64,
                "reference_steps": 64}
     return problem, f"{ckpt} ({'; '.join(made) or 'given'})"
 
@@ -395,7 +395,7 @@ def main():
             evaluate("digits, Frechet distance in digits-cnn features", problem, [5, 10] if quick else [5, 10, 20, 50],
                      [0], runners(few if quick else multistep, ["logsnr"] if quick else ["karras", "logsnr"],
                                   strong_only=not quick),
-                     3 if quick else 60, ["unipc"] if quick else ["unipc", "deis"], quick, better_only=True)
+                     3 if quick else 20, ["unipc"] if quick else ["unipc", "deis"], quick, better_only=True)
 
 if __name__ == "__main__":
     main()
