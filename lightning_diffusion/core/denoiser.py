@@ -31,7 +31,7 @@ def split(output) -> tuple[Tensor, Tensor | None]:
 class Denoiser(nn.Module):
     """D(x_t, t, labels) = c_skip x_t + c_out F(c_in x_t, c_noise, labels): a network seen as a denoiser.
 
-    c_skip, c_out and c_in come from the parameterization, c_noise from its `c_noise` choice (Karras et al. 2022,
+    c_skip and c_out come from the parameterization, c_in and c_noise from its `c_in` and `c_noise` choices (Karras et al. 2022,
     Table 1). With `learned_variance` the network emits twice the channels; the second half is v, returned with D as
     `Denoised(D, v)`.
     """
@@ -50,7 +50,7 @@ class Denoiser(nn.Module):
         alpha, sigma = p.alpha(t64), p.sigma(t64)
         dalpha, dsigma = p.derivatives(t64) if self.parameterization.needs_derivatives else (None, None)
         c_skip, c_out = self.parameterization.coefficients(alpha, sigma, dalpha, dsigma)
-        c_in = self.parameterization.c_in(alpha, sigma)
+        c_in = self.parameterization.c_in(alpha, sigma, self.parameterization.sigma_data)
         return c_skip, c_out, c_in, self.parameterization.c_noise(p, t64)
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None, augment_labels: Tensor | None = None):

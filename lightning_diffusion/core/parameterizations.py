@@ -4,9 +4,11 @@ Every target is one affine form (Karras et al. 2022, eq. 7, written in the unsca
 
     D(x_t, t) = c_skip x_t + c_out F(c_in x_t, c_noise)
 
-with c_in = 1 / sqrt(sigma^2 + alpha^2 sigma_data^2) (unit-variance input; 1 for VP when sigma_data=1). A
-parameterization states (c_skip, c_out); the training target F* = (x_0 - c_skip x_t) / c_out and the score
-(alpha D - x) / sigma^2 follow. The noise input c_noise is the parameterization's choice too (EDM, Table 1): networks
+A parameterization states (c_skip, c_out); the training target F* = (x_0 - c_skip x_t) / c_out and the score
+(alpha D - x) / sigma^2 follow. The input scaling c_in is its choice: `unit_variance`, 1 / sqrt(sigma^2 + alpha^2
+sigma_data^2), for networks trained here (1 for VP when sigma_data = 1), or `unscaled` (c_in = 1) for a published
+network that read x_t as it is (score-SDE's sub-VP and VE, EDM's VEPrecond). The noise input c_noise is the
+parameterization's choice too (EDM, Table 1): networks
 trained here read `quarter_log_sigma` = ln(sigma~) / 4 = -logsnr / 8 under every process, so any network runs under any
 process; a published network reads what it was trained on (DDPM's integer step, score-SDE's 999 t, VE's ln(sigma / 2)).
 """
@@ -52,25 +54,37 @@ def sigma_tilde(process: Process, t: Tensor) -> Tensor:
     return process.sigma_tilde(t)
 
 
-class Parameterization:
-    """Holds sigma_data and the noise input; maps (alpha, sigma, d alpha/dt, d sigma/dt) to (c_skip, c_out)."""
+# ---- input scalings c_in(alpha, sigma, sigma_data) -> (B,) (Karras et al. 2022, Table 1) ---------------------------
 
-    def __init__(self, sigma_data: float = 1.0, c_noise: Callable[[Process, Tensor], Tensor] = quarter_log_sigma):
+
+def unit_variance(alpha: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
+    """c_in = 1 / sqrt(sigma^2 + alpha^2 sigma_data^2): x_t of unit variance (EDM's c_in, written for any process)."""
+    return (sigma**2 + alpha**2 * sigma_data**2).rsqrt()
+
+
+def unscaled(alpha: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
+    """c_in = 1: the network reads x_t as it is (score-SDE's networks, Song et al. 2021; EDM's VEPrecond)."""
+    return torch.ones_like(sigma)
+
+
+class Parameterization:
+    """Holds sigma_data, the input scaling and the noise input; maps (alpha, sigma, alpha', sigma') to (c_skip, c_out)."""
+
+    def __init__(self, sigma_data: float = 1.0, c_noise: Callable[[Process, Tensor], Tensor] = quarter_log_sigma,
+                 c_in: Callable[[Tensor, Tensor, float], Tensor] = unit_variance):
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        self.sigma_data, self.c_noise = sigma_data, c_noise
+        self.sigma_data, self.c_noise, self.c_in = sigma_data, c_noise, c_in
 
     needs_derivatives = False
 
     def coefficients(self, alpha, sigma, dalpha=None, dsigma=None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def c_in(self, alpha, sigma):
-        return (sigma**2 + alpha**2 * self.sigma_data**2).rsqrt()
-
     def __repr__(self):
         noise = getattr(self.c_noise, "func", self.c_noise).__name__
-        return f"{type(self).__name__}(sigma_data={self.sigma_data}, c_noise={noise})"
+        scaling = getattr(self.c_in, "func", self.c_in).__name__
+        return f"{type(self).__name__}(sigma_data={self.sigma_data}, c_noise={noise}, c_in={scaling})"
 
 
 class EpsPrediction(Parameterization):
@@ -98,8 +112,9 @@ class VPrediction(Parameterization):
 class ScorePrediction(Parameterization):
     """F predicts the score (alpha D - x) / sigma^2, or with `divide_by_sigma` score = F / sigma (NCSNv2, Song & Ermon 2020)."""
 
-    def __init__(self, sigma_data: float = 1.0, divide_by_sigma: bool = True, c_noise: Callable = quarter_log_sigma):
-        super().__init__(sigma_data, c_noise)
+    def __init__(self, sigma_data: float = 1.0, divide_by_sigma: bool = True, c_noise: Callable = quarter_log_sigma,
+                 c_in: Callable = unit_variance):
+        super().__init__(sigma_data, c_noise, c_in)
         self.divide_by_sigma = divide_by_sigma
 
     def coefficients(self, alpha, sigma, dalpha=None, dsigma=None):
@@ -113,8 +128,8 @@ class EDMPreconditioning(Parameterization):
     D(x) = c_skip x~ + c_out F, i.e. c_skip / alpha on the unscaled x.
     """
 
-    def __init__(self, sigma_data: float = 0.5, c_noise: Callable = quarter_log_sigma):
-        super().__init__(sigma_data, c_noise)
+    def __init__(self, sigma_data: float = 0.5, c_noise: Callable = quarter_log_sigma, c_in: Callable = unit_variance):
+        super().__init__(sigma_data, c_noise, c_in)
 
     def coefficients(self, alpha, sigma, dalpha=None, dsigma=None):
         s, sd = sigma / alpha, self.sigma_data
