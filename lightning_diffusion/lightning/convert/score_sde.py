@@ -3,11 +3,12 @@
 Their checkpoint is `torch.save({"model", "ema", "optimizer", "step"})`: `model` is the state dict of
 `torch.nn.DataParallel(net)` (every key starts with `module.`), and `ema` is their ExponentialMovingAverage's state
 {decay, num_updates, shadow_params}, where shadow_params is a positional list: one tensor per parameter of
-`net.parameters()` with requires_grad, in that order (so no names; frozen parameters, the Gaussian Fourier
-projection's W of NCSN++, are left out). The file is read weights-only (tensors and plain containers).
+`net.parameters()` with requires_grad, in that order (so no names; buffers, NCSNpp's `sigmas`, and frozen
+parameters, the Gaussian Fourier projection's W of NCSN++, are left out). The file is read weights-only (tensors and
+plain containers).
 
-A layout says which of their entries are frozen and converts their state dict (EMA placed in their names) into the
-network's. `song_unet_layout` is NCSNpp's (`models/ncsnpp.py`: DDPM++ and NCSN++, biggan blocks) onto SongUNet:
+A layout says which of their entries the EMA list covers and converts their state dict (EMA placed in their names)
+into the network's. `song_unet_layout` is NCSNpp's (`models/ncsnpp.py`: DDPM++ and NCSN++, biggan blocks) onto SongUNet:
 their `all_modules` list, modules without parameters included, in the order their constructor appends them.
 """
 
@@ -27,19 +28,21 @@ PREFIX = "module."
 
 
 class Layout(NamedTuple):
-    """Their state dict (EMA placed) -> the network's, and which of their entries are frozen (not in the EMA list)."""
+    """Their state dict (EMA placed) -> the network's, and which of their entries the EMA list covers (trainable
+    parameters: not buffers, not frozen parameters)."""
 
     convert: Callable[[dict[str, Tensor]], dict[str, Tensor]]
-    frozen: Callable[[str], bool]
+    averaged: Callable[[str], bool]
 
 
 def same_names(network: nn.Module) -> Layout:
-    """A network of ours with their module names: nothing renamed; frozen = not a trainable parameter of ours."""
+    """A network of ours with their module names: nothing renamed; averaged = a trainable parameter of ours."""
     trainable = {name for name, p in network.named_parameters() if p.requires_grad}
-    return Layout(dict, lambda name: name not in trainable)
+    return Layout(dict, trainable.__contains__)
 
 
 # ---- NCSNpp (DDPM++ / NCSN++) -> SongUNet ---------------------------------------------------------------------------
+BUFFERS = ("sigmas",)  # NCSNpp's own buffer: utils.get_sigmas(config), the discrete VE levels; the process holds ours
 RESBLOCK = {"GroupNorm_0": "norm1", "Conv_0": "conv1", "Dense_0": "emb_proj", "GroupNorm_1": "norm2",
             "Conv_1": "conv2", "Conv_2": "skip"}
 
@@ -97,15 +100,20 @@ def song_unet_layout(network) -> Layout:
     order = ncsnpp_order(network)
 
     def module_of(name: str) -> int:
-        head, index, _ = name.split(".", 2)
-        if head != "all_modules" or not index.isdigit():
-            raise ValueError(f"{name!r} is not an entry of NCSNpp.all_modules (their NCSN++ / DDPM++ layout)")
-        return int(index)
+        parts = name.split(".", 2)
+        if len(parts) < 3 or parts[0] != "all_modules" or not parts[1].isdigit():
+            raise ValueError(f"{name!r} is neither an entry of NCSNpp.all_modules nor one of its buffers {BUFFERS} "
+                             "(their NCSN++ / DDPM++ layout)")
+        return int(parts[1])
+
+    def averaged(name: str) -> bool:  # the EMA list: all parameters but the frozen Fourier W; no buffers
+        return name not in BUFFERS and not (module_of(name) < len(order) and order[module_of(name)][1] == "fourier")
 
     def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
         grouped: dict[int, dict[str, Tensor]] = {}
         for name, tensor in state.items():
-            grouped.setdefault(module_of(name), {})[name.split(".", 2)[2]] = tensor
+            if name not in BUFFERS:
+                grouped.setdefault(module_of(name), {})[name.split(".", 2)[2]] = tensor
         if max(grouped) >= len(order):
             raise ValueError(f"the checkpoint has {max(grouped) + 1} modules, the network's score-SDE layout "
                              f"{len(order)}: another architecture (channel_mult, num_blocks, progressive options)")
@@ -119,7 +127,7 @@ def song_unet_layout(network) -> Layout:
                 out.update(convert_module(prefix, kind, params))
         return out
 
-    return Layout(convert, lambda name: module_of(name) < len(order) and order[module_of(name)][1] == "fourier")
+    return Layout(convert, averaged)
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
@@ -144,9 +152,9 @@ def read_checkpoint(path) -> dict:
     return checkpoint
 
 
-def place_ema(theirs: dict[str, Tensor], frozen: Callable[[str], bool], shadow: list[Tensor], path) -> dict:
-    """Their state dict with the EMA list laid over its trainable entries in order, counts and shapes checked."""
-    trainable = [name for name in theirs if not frozen(name)]
+def place_ema(theirs: dict[str, Tensor], averaged: Callable[[str], bool], shadow: list[Tensor], path) -> dict:
+    """Their state dict with the EMA list laid over its averaged entries in order, counts and shapes checked."""
+    trainable = [name for name in theirs if averaged(name)]
     if len(trainable) != len(shadow):
         raise ValueError(f"{path}: ema.shadow_params has {len(shadow)} tensors, but the model has {len(trainable)} "
                          "trainable entries: the layout does not match the network")
@@ -162,11 +170,11 @@ def score_sde_weights(source: str, denoiser: Denoiser, layout: Callable[[nn.Modu
     """The network's state dict from a score_sde_pytorch checkpoint: their EMA weights (ema=false: the raw ones)."""
     checkpoint = read_checkpoint(source)
     theirs = {k[len(PREFIX):]: v for k, v in checkpoint["model"].items()}
-    convert, frozen = layout(denoiser.network)
+    convert, averaged = layout(denoiser.network)
     if ema:
         shadow = (checkpoint.get("ema") or {}).get("shadow_params")
         if not isinstance(shadow, list):
             raise ValueError(f"{source} has no ema.shadow_params list (their ExponentialMovingAverage state); "
                              "weights.ema=false reads the raw weights instead")
-        theirs = place_ema(theirs, frozen, shadow, source)
+        theirs = place_ema(theirs, averaged, shadow, source)
     return convert(theirs)
