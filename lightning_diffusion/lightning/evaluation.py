@@ -25,7 +25,7 @@ from .metrics.images import fidelity_images, image_folder
 from .metrics.reference import data_key, data_split, reference_statistics
 from .metrics.sharding import gather_shards, generate_shard
 from .progress import progress_bar
-from .sampling import output_stem, sampling_choice
+from .sampling import output_stem, sampling_choice, use_transforms
 
 SPLITS = ("train", "val")
 # image size of torch-fidelity's registered data sets, so a cached key is found without the data on disk
@@ -173,6 +173,8 @@ def evaluate_checkpoint(ev: Evaluation) -> dict:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "evaluation"
     sampler_cfg, grid_cfg = sampling_choice(cfg, run_cfg)
     sampler, grid = instantiate(sampler_cfg), instantiate(grid_cfg)
+    transforms = {"transforms": use_transforms(model, cfg, run_cfg)}
+    transforms = transforms if transforms["transforms"] else {}  # none: the names and records of before
     per_seed, nfe = [], None
     for seed in cfg.seeds:
         with progress_bar(cfg.num_samples, f"sampling, seed set {seed}", cfg.progress, "sample") as bar:
@@ -183,7 +185,7 @@ def evaluate_checkpoint(ev: Evaluation) -> dict:
         if ev.rank == 0:
             per_seed.append(ev.score(images))
             if cfg.save_samples:
-                stem = output_stem(sampler_cfg, grid_cfg, nfe, n=cfg.num_samples, seed=seed)
+                stem = output_stem(sampler_cfg, grid_cfg, nfe, n=cfg.num_samples, seed=seed, **transforms)
                 save_npz(out_dir / f"{stem}.npz", samples=images)
     likelihood, likelihood_protocol = {}, None
     if cfg.likelihood.enabled:
@@ -200,9 +202,9 @@ def evaluate_checkpoint(ev: Evaluation) -> dict:
         ema=checkpoint_has_ema(cfg.ckpt_path), options=ev.options, checkpoint=str(Path(cfg.ckpt_path).resolve()),
         checkpoint_sha256=sha256_file(cfg.ckpt_path), labels="0..C-1 cycled" if model.num_classes else None,
         batch_size=cfg.batch_size, world_size=ev.world, chunk_seeding="chunk k of seed s: SeedSequence([s, k])",
-        likelihood=likelihood_protocol)
+        likelihood=likelihood_protocol, **transforms)
     stem = output_stem(sampler_cfg, grid_cfg, nfe, n=cfg.num_samples, extractor=ev.extractor.name,
-                       guidance_scale=guidance, seeds=list(cfg.seeds), likelihood=likelihood_protocol)
+                       guidance_scale=guidance, seeds=list(cfg.seeds), likelihood=likelihood_protocol, **transforms)
     return ev.finish(out_dir / f"{stem}.json", run_dir, {**summarize_seed_sets(per_seed), **likelihood}, protocol,
                      per_seed=dict(zip(map(str, cfg.seeds), per_seed)))
 

@@ -5,7 +5,8 @@ import hashlib
 import json
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .metrics.sharding import class_labels
 from .progress import progress_bar
@@ -30,6 +31,20 @@ def sampling_choice(cfg: DictConfig, run_cfg: DictConfig) -> tuple[DictConfig, D
     if cfg.get("sampler") or "_target_" in grid:
         return sampler, OmegaConf.merge(run_cfg.grid if "_target_" not in grid else {}, grid)
     return sampler, OmegaConf.merge(run_cfg.grid, grid)
+
+
+def use_transforms(model, cfg: DictConfig, run_cfg: DictConfig) -> list:
+    """Set the denoiser transforms `model` samples with: `transforms=[...]` as given (`[]`: none), else the run's.
+
+    Returns their configs (the record that names the output files and enters the protocol; [] when none)."""
+    chosen = cfg.get("transforms")
+    if chosen is None:
+        chosen = run_cfg.get("transforms") or []
+    if not isinstance(chosen, (list, ListConfig)):
+        raise ValueError(f"transforms={chosen!r} must be a list of denoiser transforms, e.g. "
+                         "[{_target_: lightning_diffusion.core.transforms.clip_x0, _partial_: true}], or [] for none")
+    model.transforms = [instantiate(t) for t in chosen]
+    return [_plain(t) for t in chosen]
 
 
 def _plain(node) -> dict:

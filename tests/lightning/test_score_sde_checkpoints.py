@@ -53,10 +53,15 @@ def their_checkpoint(name: str, path, raw_shift: float = 0.5):
     return path
 
 
-def imported_model(name: str, tmp_path):
+def imported_checkpoint(name: str, tmp_path):
+    """Their checkpoint of `name` through `import_model` (the published config at the fixture's size)."""
     source = their_checkpoint(name, tmp_path / "checkpoint_1.pth")
     cfg = compose_config([*PUBLISHED[name], *SMALL, f"source={source}"], tmp_path / "run", config_name="import_model")
-    model, _ = load_model(import_model(cfg))
+    return import_model(cfg)
+
+
+def imported_model(name: str, tmp_path):
+    model, _ = load_model(imported_checkpoint(name, tmp_path))
     return model.double().eval()
 
 

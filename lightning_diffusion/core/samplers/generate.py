@@ -6,7 +6,7 @@ the number of denoiser calls (`CountingDenoiser`); a guided denoiser from `class
 batched network evaluation.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..denoiser import Denoised, split
 from ..processes import Process
+from ..transforms import apply_transforms
 from .common import DenoiserFn
 
 
@@ -103,14 +104,16 @@ class BudgetDenoiser(CountingDenoiser):
 
 def generate(sampler: Callable, grid: Callable, denoiser: DenoiserFn, process: Process, shape,
              generator: torch.Generator | None = None, device=None, dtype: torch.dtype = torch.float64,
-             on_call: Callable[[int], None] | None = None, nfe: int | None = None) -> tuple[Tensor, int]:
+             on_call: Callable[[int], None] | None = None, nfe: int | None = None,
+             transforms: Sequence[Callable[[DenoiserFn], DenoiserFn]] = ()) -> tuple[Tensor, int]:
     """Samples and NFE: x ~ N(0, (alpha^2 + sigma^2) I) at t_0 of `grid(process)`, then `sampler` over the grid.
 
     The prior is the marginal of unit-variance data at the grid's first time (process.prior_sample at t_max).
     Sampling runs in `dtype` (float64 by default, as EDM); the denoiser casts to its network's dtype. `on_call(nfe)`
     is called after every denoiser evaluation (progress reporting stays with the caller). `nfe`, a budget: a sampler
     and grid that would need more denoiser calls are refused with a ValueError before the first one (`count_nfe`),
-    and an adaptive sampler is stopped at the budget.
+    and an adaptive sampler is stopped at the budget. `transforms` (core.transforms: x0 clipping, thresholding) act on
+    the denoiser here, the one place every sampler's D passes through.
     """
     times = grid(process)
     if nfe is not None:
@@ -122,6 +125,7 @@ def generate(sampler: Callable, grid: Callable, denoiser: DenoiserFn, process: P
     t0 = torch.as_tensor(times, dtype=torch.float64)[:1]
     std = float((process.alpha(t0) ** 2 + process.sigma(t0) ** 2).sqrt())
     x = std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    denoiser = apply_transforms(denoiser, transforms)
     counted = CountingDenoiser(denoiser, on_call) if nfe is None else BudgetDenoiser(denoiser, on_call, nfe)
     x = sampler(counted, process, x, times, generator=generator)
     return x, counted.nfe

@@ -60,6 +60,8 @@ class DiffusionModel(L.LightningModule):
             network (which needs `augment_dim` = the pipe's dim) and are zero (absent) at sampling.
         compile_network: torch.compile the network in place (nn.Module.compile) when fitting starts.
         gradient_checkpointing: class names of the network's blocks to recompute in backward (memory for compute).
+        transforms: denoiser transforms every sampling applies (core.transforms: x0 clipping, dynamic thresholding),
+            the run's `transforms`; `sample` / `evaluate` take others with transforms=[...].
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class DiffusionModel(L.LightningModule):
         augment: AugmentPipe | None = None,
         compile_network: bool = False,
         gradient_checkpointing: Sequence[str] = (),
+        transforms: Sequence[Callable] = (),
     ):
         super().__init__()
         check_options(process, label_dropout, learned_variance, nonfinite, latent_cache and first_stage is None,
@@ -109,6 +112,7 @@ class DiffusionModel(L.LightningModule):
         self._rank_stream_restored = False
         self.first_stage, self.latent_cache = first_stage, latent_cache
         self.augment, self.compile_network, self._compiled = augment, compile_network, False
+        self.transforms = list(transforms)
 
     def dry_run(self, shape: Sequence[int]) -> None:
         """One pass of the chosen noise levels, weighting and denoiser on two zero samples, and the sampling grid on
@@ -281,7 +285,7 @@ class DiffusionModel(L.LightningModule):
         """Draw n samples with `sampler` on `grid` (default: the model's); returns (samples, network evaluations)."""
         x, nfe = generate(sampler or self.sampler, grid or self.grid, self.guided_denoiser(labels, guidance_scale),
                           self.process, (n, *self.sample_shape), generator=generator, device=self.device,
-                          on_call=on_call)
+                          on_call=on_call, transforms=self.transforms)
         if self.first_stage is not None:
             x = self.first_stage.decode(x.to(torch.get_default_dtype()))
         return x.to(torch.get_default_dtype()), nfe
