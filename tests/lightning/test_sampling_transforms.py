@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from helpers import compose_config
 from lightning_diffusion.core.transforms import clip_x0
+from lightning_diffusion.lightning.builder import ConfigError, build
 from lightning_diffusion.sample import sample
 from test_score_sde_checkpoints import imported_checkpoint
 
@@ -32,3 +33,12 @@ def test_sample_applies_and_names_the_transforms(tmp_path):
     assert np.abs(samples["clip"]).max() < 1.001 < np.abs(samples["none"]).max()  # DDIM ends at t_min: ~D
     np.testing.assert_array_equal(samples["run"], samples["none"])
     assert paths["run"].name == paths["none"].name != paths["clip"].name  # the transform is in the hash
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("transforms=[3]", r"transforms=\[3\] must be a list of denoiser transforms"),
+    ("transforms=[{_target_:lightning_diffusion.core.transforms.clip_x0,_partial_:true,limit:0}]",
+     r"clip_x0 needs a finite limit > 0, got limit=0")])
+def test_bad_transforms_are_refused_at_build(bad, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        build(compose_config(["logger=csv", bad], tmp_path))

@@ -18,6 +18,7 @@ from ...core.noise_levels import AdaptiveDraw, stratified_draws, uniform_draws
 from ...core.parameterizations import Parameterization
 from ...core.processes import Process
 from ...core.samplers import classifier_free_guidance, generate
+from ...core.transforms import apply_transforms
 from ...networks.first_stage import FirstStage
 from ..data.augment import AugmentPipe
 from .gradient_checkpointing import checkpoint_blocks
@@ -112,6 +113,10 @@ class DiffusionModel(L.LightningModule):
         self._rank_stream_restored = False
         self.first_stage, self.latent_cache = first_stage, latent_cache
         self.augment, self.compile_network, self._compiled = augment, compile_network, False
+        if isinstance(transforms, str) or not all(callable(t) for t in transforms):
+            raise ValueError(f"transforms={transforms!r} must be a list of denoiser transforms (core.transforms, "
+                             "e.g. [{_target_: lightning_diffusion.core.transforms.clip_x0, _partial_: true}]) or []")
+        apply_transforms(lambda x, t: x, transforms)  # their options are checked when a denoiser is wrapped: now
         self.transforms = list(transforms)
 
     def dry_run(self, shape: Sequence[int]) -> None:
