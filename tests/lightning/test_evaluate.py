@@ -87,6 +87,11 @@ def test_evaluate_checkpoint_writes_metrics_with_protocol(ddpm_run, tmp_path):
     again = evaluate(compose_config(eval_overrides(ckpt, tmp_path, "seeds=[1]", f"out_dir={tmp_path / 'again'}"),
                                     config_name="evaluate"))
     assert again["metrics"][FD] == pytest.approx(saved["per_seed"]["1"][FD], rel=1e-6)
+    clipped = evaluate(compose_config(eval_overrides(ckpt, tmp_path, "seeds=[1]", f"out_dir={tmp_path / 'again'}",
+                                                     "transforms=[{_target_:lightning_diffusion.core.transforms.clip_x0,"
+                                                     "_partial_:true}]"), config_name="evaluate"))
+    recorded = json.loads(Path(clipped["path"]).read_text())["protocol"]["transforms"]
+    assert recorded[0]["_target_"].endswith("clip_x0") and clipped["path"] != again["path"]
     logged = pd.read_csv(next((ddpm_run / "csv_evaluate").glob("version_*/metrics.csv")))
     assert f"eval/{FD}" in logged.columns
 
