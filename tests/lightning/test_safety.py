@@ -2,19 +2,28 @@
 as such, damaged images are found at set-up in folders and zips alike, and a run directory trains one run at a time."""
 
 import errno
+import io
+import json
 import shutil
+import struct
 import subprocess
+import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from helpers import FAST, compose_config
 from lightning_diffusion.lightning import artifacts
 from lightning_diffusion.lightning.checkpoints import (AtomicCheckpointIO, load_first_stage, load_model,
                                                        read_checkpoint, resolve_ckpt_path)
 from lightning_diffusion.lightning.convert.imported import load_weights
+from lightning_diffusion.lightning.data import ImageDataModule
+from lightning_diffusion.lightning.data.zip import ZipDataModule
 from lightning_diffusion.lightning.evaluation import checkpoint_has_ema
 from lightning_diffusion.train import train
 
@@ -107,3 +116,80 @@ def test_a_full_disk_is_named_by_the_writers_of_results(monkeypatch, tmp_path):
         artifacts.save_json(tmp_path / "metrics.json", {"fid": 1.0} | {f"k{i}": i for i in range(10_000)})
     with pytest.raises(OSError, match=rf"no space left on .* writing {tmp_path / 'samples.npz'}"):
         artifacts.save_npz(tmp_path / "samples.npz", samples=torch.zeros(100_000))
+
+
+# ---- 10. images: one reader for folders and zips, and a set-up scan that decodes -------------------------------
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def corrupt_zlib(png: bytes) -> bytes:
+    """The PNG with its IDAT's deflate stream made invalid (a block of reserved type 3) and the chunk CRC recomputed:
+    every chunk checks, only decoding fails."""
+    at = png.index(b"IDAT") - 4
+    length = struct.unpack(">I", png[at:at + 4])[0]
+    data = png[at + 8:at + 8 + 2] + b"\xff" * (length - 2)  # the zlib header kept, the stream garbage
+    chunk = b"IDAT" + data
+    return png[:at] + struct.pack(">I", length) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[at + 12 + length:]
+
+
+def write_zip(path: Path, images: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in images.items():
+            z.writestr(name, data)
+        z.writestr("dataset.json", json.dumps({"labels": None}))
+    return path
+
+
+DEEP = (1000, 40000)  # 16-bit grey levels: -0.969 and 0.221 in [-1, 1]; clipped to 8 bits both were white
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_16_bit_grey_reads_the_same_from_a_folder_and_a_zip(mode, tmp_path):
+    images = {f"{v}.png": png_bytes(np.full((8, 8), v, dtype=np.uint16)) for v in DEEP}
+    (tmp_path / "folder").mkdir()
+    for name, data in images.items():
+        (tmp_path / "folder" / name).write_bytes(data)
+    folder = ImageDataModule(path=str(tmp_path / "folder"), image_size=8, mode=mode, val_fraction=0.0,
+                             cache_dir=str(tmp_path / "cache"))
+    folder.setup("fit")
+    zipped = ZipDataModule(str(write_zip(tmp_path / "deep.zip", images)), mode=mode, val_fraction=0.0)
+    zipped.setup("fit")
+    for data in (folder, zipped):
+        x = torch.stack([data.train_dataset.dataset[i][0] for i in range(2)])
+        assert x.shape == (2, len(mode), 8, 8)
+        got = sorted(x.mean((1, 2, 3)).tolist())
+        assert got == pytest.approx([2 * v / 65535 - 1 for v in DEEP], abs=1e-6)
+        assert torch.equal(x.amin((1, 2, 3)), x.amax((1, 2, 3)))  # every pixel and channel the same
+    small = ZipDataModule(str(tmp_path / "deep.zip"), image_size=4, mode=mode, val_fraction=0.0).load()
+    assert float(small[0][0].mean()) == pytest.approx(2 * DEEP[0] / 65535 - 1, abs=1e-6)  # resized, same grey
+
+
+def test_a_truncated_png_in_a_zip_is_refused_at_set_up_naming_the_entry(tmp_path):
+    good = png_bytes(np.full((8, 8), 100, dtype=np.uint8))
+    path = write_zip(tmp_path / "data.zip", {"00000/img00000000.png": good,
+                                             "00000/img00000001.png": good[: len(good) // 2],
+                                             "00000/img00000002.png": corrupt_zlib(good)})
+    data = ZipDataModule(str(path), mode="L")
+    with pytest.raises(ValueError, match=r"2 of 3 images of .*data.zip cannot be read: 00000/img00000001.png: "
+                                         r".*00000/img00000002.png: .*data.damaged=skip"):
+        data.setup("fit")
+    skipping = ZipDataModule(str(path), mode="L", val_fraction=0.0, damaged="skip")
+    with pytest.warns(UserWarning, match="left out 2 of 3 images"):
+        skipping.setup("fit")
+    assert len(skipping.train_dataset) == 1
+
+
+def test_a_png_with_a_corrupt_zlib_stream_under_valid_crcs_is_refused_at_set_up_naming_the_file(tmp_path):
+    good = png_bytes(np.full((8, 8, 3), 100, dtype=np.uint8))
+    with Image.open(io.BytesIO(corrupt_zlib(good))) as im:
+        im.verify()  # every chunk and CRC is fine: what the old scan checked
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "fine.png").write_bytes(good)
+    (tmp_path / "images" / "broken.png").write_bytes(corrupt_zlib(good))
+    data = ImageDataModule(path=str(tmp_path / "images"), image_size=8, val_fraction=0.0,
+                           cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"1 of 2 images of .* cannot be read: .*broken\.png: "):
+        data.setup("fit")
