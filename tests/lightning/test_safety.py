@@ -5,8 +5,11 @@ import errno
 import io
 import json
 import shutil
+import signal
 import struct
 import subprocess
+import sys
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers import FAST, compose_config
+from helpers import FAST, compose_config, entry_point_env
 from lightning_diffusion.lightning import artifacts
 from lightning_diffusion.lightning.checkpoints import (AtomicCheckpointIO, load_first_stage, load_model,
                                                        read_checkpoint, resolve_ckpt_path)
@@ -193,3 +196,34 @@ def test_a_png_with_a_corrupt_zlib_stream_under_valid_crcs_is_refused_at_set_up_
                            cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=r"1 of 2 images of .* cannot be read: .*broken\.png: "):
         data.setup("fit")
+
+
+# ---- 8. a signal during the final samples ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_during_the_final_samples_of_the_main_job_stops_it_within_seconds(tmp_path):
+    """The main job shrunk to 4 steps and 200 final samples (100 guided network evaluations of ~1 s each here):
+    SIGTERM once they start exits 128 + 15 within seconds, last.ckpt whole at the last step. On main the signal was
+    ignored until the sampling ended."""
+    env = entry_point_env(OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    args = [sys.executable, "-m", "lightning_diffusion.train", f"hydra.run.dir={tmp_path}", "logger=csv",
+            "trainer.enable_progress_bar=false", "trainer.max_steps=4", "trainer.val_check_interval=4",
+            "trainer.limit_val_batches=1", "callbacks.sample_grid=null", "callbacks.final_samples.n_per_class=20"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the job's own line when final sampling starts
+        lines.append(line)
+        if "final samples: drawing 200" in line:
+            break
+    assert proc.poll() is None, "".join(lines[-40:])
+    time.sleep(1.0)  # well inside the sampling
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    waited = time.monotonic() - sent
+    assert code == 128 + signal.SIGTERM, proc.stdout.read()[-3000:]
+    assert waited < 10, f"stopped {waited:.1f} s after the signal"
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert not (tmp_path / "samples" / "final.npz").exists()
