@@ -1,9 +1,14 @@
 """Checkpoints and run directories: writing them atomically, finding and checking them, and reading a trained model
 (or a frozen first stage, or a post-hoc EMA) back from a checkpoint plus the resolved config.yaml of its run."""
 
+import fcntl
+import json
 import os
 import pickle
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +23,7 @@ from .errors import ConfigError
 
 CONFIG_NAME = "config.yaml"
 LATEST = "latest"
+LOCK_NAME = "train.lock"
 
 
 def save_run_config(cfg: DictConfig, run_dir) -> Path:
@@ -38,6 +44,70 @@ def link_latest(run_dir) -> Path:
         tmp.symlink_to(run_dir.name, target_is_directory=True)
         os.replace(tmp, link)
     return link
+
+
+def slurm_job() -> str | None:
+    """This SLURM job's id (array jobs: <array job>_<task>), the same across its requeues; None outside SLURM."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID")
+
+
+def _holder_alive(holder: dict) -> bool:
+    """Whether the process that wrote a lock may still run: on this host, its PID is alive (and is not this
+    process, which does not hold it yet); on another host, it cannot be told, so it may."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder.get("pid", 0))
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir):
+    """Hold <run_dir>/train.lock while a training runs there: a second training into the same folder would log every
+    step twice and write last-v1.ckpt beside last.ckpt, so it is refused, naming the holder's PID and host.
+
+    The lock is a `flock` on the file (the kernel drops it when its process dies, however it dies), and the file
+    says who holds it. A lock left by a dead process is taken over; so is one of the same SLURM job (a requeued job
+    starts while its first run's node may still be remembered as holding it). Where the filesystem has no `flock`,
+    the holder's PID decides (alive on this host: refused). Taken by rank 0 only (the launching process).
+    """
+    path = Path(run_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:  # half-written by a process that died writing it
+            holder = {}
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except BlockingIOError:
+            held = True
+        except OSError:  # no flock on this filesystem (some network filesystems)
+            held = bool(holder) and _holder_alive(holder)
+        if held and not (slurm_job() and holder.get("slurm_job") == slurm_job()):
+            who = (f"PID {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')}"
+                   + (f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else "") + ")"
+                   if holder else "another process")
+            raise ConfigError(f"{run_dir} is in use by a training run: {who} holds {path}. Wait for it or stop it, "
+                               "or train elsewhere (hydra.run.dir=...); if that process is gone, delete the file")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield path
+        os.ftruncate(fd, 0)  # released: the file stays (removing it would let two processes lock two files)
+    finally:
+        os.close(fd)  # drops the flock
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

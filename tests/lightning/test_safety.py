@@ -2,10 +2,13 @@
 as such, damaged images are found at set-up in folders and zips alike, and a run directory trains one run at a time."""
 
 import errno
+import fcntl
 import io
 import json
+import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -23,10 +26,11 @@ from PIL import Image
 from helpers import FAST, compose_config, entry_point_env
 from lightning_diffusion.lightning import artifacts
 from lightning_diffusion.lightning.checkpoints import (AtomicCheckpointIO, load_first_stage, load_model,
-                                                       read_checkpoint, resolve_ckpt_path)
+                                                       read_checkpoint, resolve_ckpt_path, run_lock)
 from lightning_diffusion.lightning.convert.imported import load_weights
 from lightning_diffusion.lightning.data import ImageDataModule
 from lightning_diffusion.lightning.data.zip import ZipDataModule
+from lightning_diffusion.lightning.errors import ConfigError
 from lightning_diffusion.lightning.evaluation import checkpoint_has_ema
 from lightning_diffusion.train import train
 
@@ -227,3 +231,62 @@ def test_sigterm_during_the_final_samples_of_the_main_job_stops_it_within_second
     assert waited < 10, f"stopped {waited:.1f} s after the signal"
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
     assert not (tmp_path / "samples" / "final.npz").exists()
+
+
+# ---- 7. one training per run directory --------------------------------------------------------------------------
+HOLD = """import sys, time
+from lightning_diffusion.lightning.checkpoints import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def holder(run_dir, **env):
+    """Another process holding the run directory's lock, as a training in it does (until killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env=entry_point_env(**env))
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_second_training_into_a_run_dir_is_refused_naming_the_holder_then_taken_over_when_it_died(monkeypatch,
+                                                                                                     tmp_path):
+    """Another process holds the lock (a training of SLURM job 4242): a training here is refused before it touches
+    the folder; the same job requeued takes the lock over; once the holder is killed, a training takes it over."""
+    proc = holder(tmp_path, SLURM_JOB_ID="4242")
+    try:
+        with pytest.raises(ConfigError, match=rf"{tmp_path} is in use by a training run: PID {proc.pid} on host "
+                                              rf"{socket.gethostname()} .*SLURM job 4242.*hydra.run.dir="):
+            train(compose_config(TINY, tmp_path))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["train.lock"]  # nothing else touched
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, requeued (its first node may still hold the lock)
+        with run_lock(tmp_path):
+            assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
+        monkeypatch.delenv("SLURM_JOB_ID")
+    finally:
+        proc.kill()  # SIGKILL: no last words, but the kernel drops its lock
+        proc.wait()
+    (tmp_path / "train.lock").write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))  # as it left it
+    train(compose_config(TINY, tmp_path))
+    assert (tmp_path / "train.lock").read_text() == ""  # released when the training ended
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_a_lock_file_of_a_dead_process_is_taken_over_without_flock(monkeypatch, tmp_path):
+    """On a filesystem without flock the record decides: a live PID on this host holds, a dead one is stale."""
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    lock = tmp_path / "train.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # alive: pytest's parent
+    with pytest.raises(ConfigError, match=rf"PID {os.getppid()} on host {socket.gethostname()}"):
+        with run_lock(tmp_path):
+            pass
+    lock.write_text(json.dumps({"pid": ended.pid, "host": socket.gethostname()}))
+    with run_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert lock.read_text() == ""
