@@ -6,6 +6,7 @@ if __name__ == "__main__":  # the process of `python -m`: SIGTERM / SIGUSR1 reco
     record_from_now()
 
 import sys  # noqa: E402 (after the signal recorder, on purpose)
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from .lightning.builder import build
-from .lightning.checkpoints import check_same_run, link_latest, resolve_ckpt_path, save_run_config
+from .lightning.checkpoints import check_same_run, link_latest, resolve_ckpt_path, run_lock, save_run_config
 from .lightning.distributed import collectives_watched
 from .lightning.early_signals import record_from_now
 from .lightning.errors import ConfigError
@@ -32,16 +33,18 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError("trainer.max_steps=0 trains nothing: with ckpt_path=<a checkpoint> it only draws that "
                           "checkpoint's final samples (sweeps/sampler_x_nfe.yaml); to train, give -1 or an int >= 1")
     datamodule, model, trainer = build(cfg)
-    if ckpt_path:
-        check_same_run(cfg, Path(cfg.run_dir))  # before config.yaml is overwritten
-        rank_zero_info(f"resuming from {ckpt_path}")
-    if trainer.is_global_zero:
-        save_run_config(cfg, cfg.run_dir)
-        link_latest(cfg.run_dir)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    with collectives_watched(str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # one training per run directory, held by rank 0 (the other ranks are its own processes)
+    with run_lock(cfg.run_dir) if trainer.is_global_zero else nullcontext():
+        if ckpt_path:
+            check_same_run(cfg, Path(cfg.run_dir))  # before config.yaml is overwritten
+            rank_zero_info(f"resuming from {ckpt_path}")
+        if trainer.is_global_zero:
+            save_run_config(cfg, cfg.run_dir)
+            link_latest(cfg.run_dir)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        with collectives_watched(str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for callback in trainer.callbacks:
         metrics.update(getattr(callback, "metrics", {}))

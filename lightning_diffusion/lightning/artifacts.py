@@ -1,6 +1,7 @@
 """Writing run outputs atomically: image grids, sample arrays and metrics JSON (a crash never leaves half a file);
 where cached artefacts live, and file hashes."""
 
+import errno
 import hashlib
 import json
 import math
@@ -14,8 +15,35 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def filesystem(path) -> str:
+    """The device (and mount point) holding `path`, as /proc/self/mounts names it: the disk a user must free."""
+    mount = Path(path).absolute()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        with open("/proc/self/mounts") as f:
+            devices = [line.split()[0] for line in f if line.split()[1:2] == [str(mount)]]
+    except OSError:  # not Linux
+        devices = []
+    return f"{devices[-1]} (mounted at {mount})" if devices else str(mount)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether an error or one it came from is a full disk or quota (torch.save reports it as a RuntimeError
+    'unexpected pos' raised from the OSError)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in FULL:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def atomic_write(path: Path, write) -> Path:
-    """Write through a temporary file in the same folder, then rename over `path` (atomic on POSIX)."""
+    """Write through a temporary file in the same folder, then rename over `path` (atomic on POSIX). A full disk is
+    reported as such, naming the device and the file; the previous file at `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
@@ -26,10 +54,24 @@ def atomic_write(path: Path, write) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        if disk_full(err):
+            raise OSError(errno.ENOSPC, f"no space left on {filesystem(path.parent)} writing {path} (the previous "
+                          "file there is unchanged): free space on that disk or write elsewhere") from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_torch(obj, path) -> Path:
+    """torch.save, atomically, through a Python file: a full disk then surfaces as the OSError it is."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:

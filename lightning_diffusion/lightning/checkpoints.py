@@ -1,8 +1,14 @@
 """Checkpoints and run directories: writing them atomically, finding and checking them, and reading a trained model
 (or a frozen first stage, or a post-hoc EMA) back from a checkpoint plus the resolved config.yaml of its run."""
 
+import fcntl
+import json
 import os
+import pickle
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..core.power_ema import load_snapshots, reconstruct
 from ..networks.first_stage import FirstStage
-from .artifacts import atomic_write
+from .artifacts import atomic_write, save_torch
 from .errors import ConfigError
 
 CONFIG_NAME = "config.yaml"
 LATEST = "latest"
+LOCK_NAME = "train.lock"
 
 
 def save_run_config(cfg: DictConfig, run_dir) -> Path:
@@ -39,6 +46,70 @@ def link_latest(run_dir) -> Path:
     return link
 
 
+def slurm_job() -> str | None:
+    """This SLURM job's id (array jobs: <array job>_<task>), the same across its requeues; None outside SLURM."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID")
+
+
+def _holder_alive(holder: dict) -> bool:
+    """Whether the process that wrote a lock may still run: on this host, its PID is alive (and is not this
+    process, which does not hold it yet); on another host, it cannot be told, so it may."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder.get("pid", 0))
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir):
+    """Hold <run_dir>/train.lock while a training runs there: a second training into the same folder would log every
+    step twice and write last-v1.ckpt beside last.ckpt, so it is refused, naming the holder's PID and host.
+
+    The lock is a `flock` on the file (the kernel drops it when its process dies, however it dies), and the file
+    says who holds it. A lock left by a dead process is taken over; so is one of the same SLURM job (a requeued job
+    starts while its first run's node may still be remembered as holding it). Where the filesystem has no `flock`,
+    the holder's PID decides (alive on this host: refused). Taken by rank 0 only (the launching process).
+    """
+    path = Path(run_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:  # half-written by a process that died writing it
+            holder = {}
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except BlockingIOError:
+            held = True
+        except OSError:  # no flock on this filesystem (some network filesystems)
+            held = bool(holder) and _holder_alive(holder)
+        if held and not (slurm_job() and holder.get("slurm_job") == slurm_job()):
+            who = (f"PID {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')}"
+                   + (f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else "") + ")"
+                   if holder else "another process")
+            raise ConfigError(f"{run_dir} is in use by a training run: {who} holds {path}. Wait for it or stop it, "
+                               "or train elsewhere (hydra.run.dir=...); if that process is gone, delete the file")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield path
+        os.ftruncate(fd, 0)  # released: the file stays (removing it would let two processes lock two files)
+    finally:
+        os.close(fd)  # drops the flock
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, written to a temporary file beside the target and renamed over it (os.replace).
 
@@ -53,7 +124,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         for stale in path.parent.glob(f".{path.name}.*"):
             stale.unlink(missing_ok=True)
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        save_torch(checkpoint, path)
 
 
 def find_run_config(ckpt_path) -> Path:
@@ -66,12 +137,25 @@ def find_run_config(ckpt_path) -> Path:
                             "resolved config its training run wrote to its run directory")
 
 
+def read_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint's contents, weights-only: tensors and plain containers. A file whose pickle would build other
+    objects (and could run code while doing so: a downloaded file is not to be trusted) is refused, naming it; so is
+    a truncated or corrupt one."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), str(err).splitlines()[0])
+        raise ValueError(f"{path} holds pickled Python objects, not only tensors and plain values ({found}): "
+                         "loading it could run code, so it is refused. A checkpoint written by this project loads; "
+                         "if this file comes from a source you trust, load it yourself and save its state_dict as "
+                         "tensors (torch.save({'state_dict': ...}))") from err
+    except Exception as err:  # noqa: BLE001 (torch raises RuntimeError, EOFError, zip errors, ...: any fault counts)
+        raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {err}") from err
+
+
 def check_checkpoint(ckpt_path) -> None:
     """Refuse a truncated, corrupt or foreign file before training resumes from it, naming the file and the fault."""
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {ckpt_path} cannot be read (truncated or corrupt?): {err}") from err
+    checkpoint = read_checkpoint(ckpt_path)
     missing = [k for k in ("state_dict", "global_step", "loops", "optimizer_states") if k not in checkpoint]
     if missing:
         raise ValueError(f"{ckpt_path} is not a lightning_diffusion training checkpoint: it has no {missing}")
@@ -80,7 +164,7 @@ def check_checkpoint(ckpt_path) -> None:
 def trained_steps(path: Path) -> int:
     """The global step a checkpoint holds (memory-mapped: only that entry is read), or -1 if it cannot be read."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        return int(read_checkpoint(path, mmap=True)["global_step"])
     except Exception:  # noqa: BLE001 (a truncated or foreign file is never the newest)
         return -1
 
@@ -152,11 +236,9 @@ def load_model(ckpt_path, device: str = "cpu"):
     cfg = OmegaConf.load(find_run_config(ckpt_path))
     extra = {"first_stage": instantiate(cfg.first_stage)} if cfg.get("first_stage") else {}
     model = instantiate(cfg.model, network=instantiate(cfg.network), **extra)
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
-        state = checkpoint["state_dict"]
-    except Exception as err:  # a truncated file, or not a Lightning checkpoint at all
-        raise ValueError(f"{ckpt_path} is not a readable lightning_diffusion checkpoint ({err})") from err
+    state = read_checkpoint(ckpt_path, map_location=device).get("state_dict")
+    if state is None:
+        raise ValueError(f"{ckpt_path} is not a lightning_diffusion checkpoint: it has no state_dict")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt_path} does not match the model in {find_run_config(ckpt_path)}: "
@@ -177,7 +259,7 @@ def load_first_stage(ckpt_path: str) -> FirstStage:
     if not str(cfg.model.get("_target_", "")).endswith("AutoencoderModel"):
         raise ValueError(f"{ckpt_path} is a checkpoint of {cfg.model.get('_target_')}, not of an autoencoder: "
                          f"{TRAIN_ONE}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(path)
     if checkpoint.get("latent_scale") is None:
         raise ValueError(f"{ckpt_path} has no latent_scale (the autoencoder's run saved it before its first "
                          "validation, or had val_fraction=0): validate it once, e.g. resume it for a few steps")
@@ -202,8 +284,7 @@ def export_posthoc_ema(run_dir, sigma_rel: float, out=None, t: int | None = None
     summary = {"sigma_rel": float(sigma_rel), "gamma": info["gamma"], "t": info["t"],
                "num_snapshots": len(info["snapshots"]), "snapshots": info["snapshots"],
                "coefficients": info["coefficients"].tolist(), "fit_error": info["fit_error"], "run_dir": str(run_dir)}
-    atomic_write(out, lambda tmp: torch.save({"state_dict": state, "global_step": info["t"], "posthoc_ema": summary},
-                                             tmp))
+    save_torch({"state_dict": state, "global_step": info["t"], "posthoc_ema": summary}, out)
     # load_model reads the run's config.yaml next to or above the checkpoint: bring it along when out is elsewhere
     config = run_dir / CONFIG_NAME
     if config.is_file() and not any((d / CONFIG_NAME).is_file() for d in (out.parent, out.parent.parent)):

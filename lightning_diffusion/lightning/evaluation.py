@@ -9,7 +9,6 @@ import hashlib
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
@@ -17,7 +16,7 @@ from torch_fidelity.registry import DATASETS_REGISTRY
 from torch_fidelity.utils import prepare_input_from_descriptor
 
 from .artifacts import save_npz, sha256_file
-from .checkpoints import find_run_config, load_model
+from .checkpoints import find_run_config, load_model, read_checkpoint
 from .metrics.bits_per_dim import LikelihoodOptions, likelihood_metrics
 from .metrics.extractors import METRICS, extract_features, load_extractor, resolve_weights
 from .metrics.fidelity import fidelity_metrics, protocol_record, save_metrics_json, summarize_seed_sets
@@ -97,7 +96,7 @@ def reference_source(cfg: DictConfig, data_cfg):
 
 def checkpoint_has_ema(ckpt_path) -> bool:
     """Whether the checkpoint's weights are an EMA (Lightning's WeightAveraging keeps the raw ones beside them)."""
-    return "current_model_state" in torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    return "current_model_state" in read_checkpoint(ckpt_path, mmap=True)
 
 
 def log_to_loggers(cfg: DictConfig, run_dir, metrics: dict, protocol: dict) -> None:

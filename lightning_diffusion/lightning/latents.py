@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .artifacts import atomic_write
+from .artifacts import atomic_write, save_torch
 from .data.base import DiffusionDataModule, collate_pair
 
 PLAN, MANIFEST = "plan.json", "manifest.json"
@@ -129,7 +129,7 @@ def encode_latents(datamodule: DiffusionDataModule, first_stage, out_dir, data_c
             continue
         start, stop = k * shard_size, min(n, (k + 1) * shard_size)
         shard = encode_shard(first_stage, dataset, start, stop, batch_size, datamodule.num_workers, flips, DTYPES[dtype])
-        atomic_write(path, lambda tmp, shard=shard: torch.save(shard, tmp))
+        save_torch(shard, path)
         encoded += stop - start
         if on_shard is not None:
             on_shard(k)

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ...core.power_ema import SNAPSHOT_GLOB, power_ema_beta, sigma_rel_to_gamma, snapshot_name
-from ..artifacts import atomic_write
+from ..artifacts import save_torch
 from ..compat import callback_state_key
 
 
@@ -136,7 +136,7 @@ class PostHocEMA(L.Callback):
         for average, gamma, sigma_rel in zip(self.averages, self.gammas, self.sigma_rels):
             data = {"t": self.t, "gamma": gamma, "sigma_rel": sigma_rel,
                     "state_dict": {k: v.detach().cpu() for k, v in average.items()}}
-            atomic_write(folder / snapshot_name(self.t, sigma_rel), lambda tmp, data=data: torch.save(data, tmp))
+            save_torch(data, folder / snapshot_name(self.t, sigma_rel))
         if self.t == self.snapshot_every:
             rank_zero_info(f"PostHocEMA: snapshots of sigma_rel={list(self.sigma_rels)} go to {folder}")
 

@@ -12,7 +12,7 @@ from ..metrics.classifier import fit_classifier, label_accuracy
 from ..models import AutoencoderModel, DiffusionModel
 from .base import ForModel
 from ..metrics.sharding import class_labels
-from .signals import Preempted, abandon_if_signalled, signal_callback
+from .signals import Preempted, abandon_if_signalled, signal_callback, signals_watched
 
 
 def log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
@@ -85,9 +85,11 @@ class FinalSamples(ForModel):
         n = self.n_per_class * num_classes if num_classes else self.n_unconditional
         labels = class_labels(n, num_classes, pl_module.device)
         pl_module.eval()
+        rank_zero_info(f"final samples: drawing {n}")
         try:
-            x, nfe = pl_module.generate(n, labels, generator=torch.Generator().manual_seed(self.seed),
-                                        on_call=lambda nfe: abandon_if_signalled(trainer))
+            with signals_watched(trainer):
+                x, nfe = pl_module.generate(n, labels, generator=torch.Generator().manual_seed(self.seed),
+                                            on_call=lambda nfe: abandon_if_signalled(trainer))
         except Preempted:  # last.ckpt holds the last step already: requeue (the rerun draws these samples), exit
             signal_callback(trainer).stop_after_fit(trainer)
         run_dir = Path(trainer.default_root_dir)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager, nullcontext
 
 import lightning as L
 import torch
@@ -84,6 +85,19 @@ class CheckpointOnSignal(L.Callback):
         if early is not None and early in signals:
             self._record(early, None)
 
+    @contextmanager
+    def watching(self, trainer):
+        """Signals recorded during work after fit (the final samples): when fit ended, Lightning put back the handlers
+        of before it (the entry point's early recorder, or the default), which nothing polls. The ones found are
+        restored afterwards."""
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, self.requeue_signal or signal.SIGUSR1)}
+        self._install(trainer)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def _record(self, signum, _frame):
         if self.received is None:
             self.received = signum
@@ -131,8 +145,9 @@ class CheckpointOnSignal(L.Callback):
 
     def stop_after_fit(self, trainer) -> None:
         """A signal during the final samples (rank 0 alone): last.ckpt already holds the last step; requeue, exit."""
-        kind = REQUEUE if self.received == self.requeue_signal else STOP
-        if kind == REQUEUE:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self.received == self.requeue_signal:
             requeue_this_job()
         raise SIGTERMException(128 + self.received)
 
@@ -168,6 +183,12 @@ def stop_point(trainer, pl_module) -> None:
     callback = signal_callback(trainer)
     if callback is not None:
         callback.stop_point(trainer, pl_module)
+
+
+def signals_watched(trainer):
+    """A context in which rank-0 work after fit receives stop signals (`CheckpointOnSignal.watching`)."""
+    callback = signal_callback(trainer)
+    return nullcontext() if callback is None else callback.watching(trainer)
 
 
 def abandon_if_signalled(trainer) -> None:

@@ -13,9 +13,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ..artifacts import atomic_write
+from ..artifacts import save_torch
 from ..builder import ConfigError, build
-from ..checkpoints import save_run_config
+from ..checkpoints import read_checkpoint, save_run_config
 from .published import file_record, load_checked
 
 CHECKPOINT = "imported.ckpt"
@@ -40,7 +40,7 @@ def import_model(cfg: DictConfig) -> Path:
                   "imported": {"source": str(cfg.source), "weights": cfg.weights.get("_target_"),
                                **(file_record(cfg.source) if Path(str(cfg.source)).exists() else {})}}
     path = run_dir / "checkpoints" / CHECKPOINT
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    save_torch(checkpoint, path)
     print(f"imported {cfg.source} -> {path} (config {run_dir / 'config.yaml'})")
     return path
 
@@ -54,4 +54,4 @@ def load_weights(model: torch.nn.Module, ckpt_path) -> torch.nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"init_from={ckpt_path} does not exist (an import writes <run_dir>/checkpoints/"
                                 f"{CHECKPOINT})")
-    return load_checked(model, torch.load(path, map_location="cpu", weights_only=False)["state_dict"], path)
+    return load_checked(model, read_checkpoint(path)["state_dict"], path)

@@ -14,14 +14,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from ..offline import hub_access, hub_offline
-from .base import DiffusionDataModule, from_uint8
-from .integrity import damaged_images
+from .base import DiffusionDataModule
+from .integrity import CHANNELS, read_image, without_damaged
 
-MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # 8-bit PIL modes and their channel counts
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 LOCAL_HINT = "data.path=/path/to/folder_or_saved_dataset"
 
@@ -69,42 +67,22 @@ class HFImages(Dataset):
         return self.decode(row[self.image_column], i), torch.tensor(y, dtype=torch.long)
 
     def decode(self, image: dict, i: int) -> torch.Tensor:
-        """PIL-decode one {bytes, path} image, convert to `mode`, resize the short side and centre-crop to a square.
-
-        Images of more than 8 bits (PIL modes I;16 and I) are read at their own depth, not clipped to 255 (which
-        made 16-bit greyscale PNGs white).
-        """
-        size = [self.image_size] * 2
+        """Decode one {bytes, path} image (`read_image`): `mode`, the short side resized and centre-cropped."""
         try:
-            with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
-                deep = high_bit_depth(im, self.mode)
-                if deep is None:  # 8 bits: PIL converts and resizes, exactly as always
-                    im = im.convert(self.mode)
-                    if im.size != tuple(size):
-                        im = TF.center_crop(TF.resize(im, self.image_size, antialias=True), size)
-                    return from_uint8(TF.pil_to_tensor(im))
+            return read_image(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"], self.mode,
+                              self.image_size, fit_torchvision)
         except (OSError, ValueError, TypeError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise ValueError(f"cannot read image {image.get('path') or f'row {i}'}: {e}") from e
-        if list(deep.shape[-2:]) != size:
-            deep = TF.center_crop(TF.resize(deep, self.image_size, antialias=True), size)
-        return (2 * deep - 1).clamp(-1, 1)
+
+
+def fit_torchvision(image: Image.Image, size: int) -> Image.Image:
+    """The short side resized to `size` (antialiased), then the middle size x size: torchvision's Resize + CenterCrop."""
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
 
 
 def _rows(batch: dict) -> list[dict]:
     """A columnar batch of `Dataset.iter` as rows."""
     return [dict(zip(batch, values)) for values in zip(*batch.values())]
-
-
-def high_bit_depth(im: Image.Image, mode: str) -> torch.Tensor | None:
-    """A 16-bit (I;16*) or 32-bit integer (I) greyscale image as (C, H, W) float in [0, 1] at its own depth, or None
-    for an 8-bit image (PIL's own conversion serves it). Grey goes to every channel of an RGB mode."""
-    if not im.mode.startswith("I"):
-        return None
-    if mode not in ("L", "RGB"):
-        raise ValueError(f"a {im.mode} (more than 8 bits) image can be read as mode L or RGB, not {mode!r}")
-    levels = 65535.0 if im.mode.startswith("I;16") or int(np.asarray(im).max(initial=0)) <= 65535 else 2.0**32 - 1
-    x = torch.from_numpy(np.asarray(im, dtype=np.float64) / levels).float()[None]
-    return x.expand(MODES[mode], -1, -1).contiguous()
 
 
 class ImageDataModule(DiffusionDataModule):
@@ -131,15 +109,15 @@ class ImageDataModule(DiffusionDataModule):
                              f"or a local {LOCAL_HINT}")
         if path is not None and not os.path.isdir(path):
             raise ValueError(f"path={path!r} is not a directory; {LOCAL_HINT} (image folder or save_to_disk output)")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: accepted {sorted(MODES)}")
+        if mode not in CHANNELS:
+            raise ValueError(f"mode={mode!r}: accepted {sorted(CHANNELS)}")
         if not (isinstance(image_size, int) and image_size >= 1):
             raise ValueError(f"image_size={image_size!r}: need an int >= 1")
         super().__init__(batch_size, num_workers, seed, val_fraction, hflip)
         self.name, self.path, self.split, self.cache_dir = name, path, split, cache_dir
         self.val_split, self.damaged = val_split, damaged
         self.image_column, self.image_size, self.mode = image_column, image_size, mode
-        self.shape = (MODES[mode], image_size, image_size)
+        self.shape = (CHANNELS[mode], image_size, image_size)
         self.classes: list[str] | None = None
         if path is not None and not is_saved_dataset(path):  # an image folder: its layout fixes the labels
             self.classes = folder_classes(path)
@@ -227,15 +205,4 @@ class ImageDataModule(DiffusionDataModule):
 
     def _without_damaged(self, images: HFImages, where: str) -> Dataset:
         rows = (r[self.image_column] for batch in images.ds.iter(batch_size=512) for r in _rows(batch))
-        bad = damaged_images(rows, len(images), where)
-        if not bad:
-            return images
-        listed = "; ".join(f"{name}: {fault}" for _, name, fault in bad[:20]) + (
-            f"; ... ({len(bad) - 20} more)" if len(bad) > 20 else "")
-        if self.damaged == "error":
-            raise ValueError(f"{len(bad)} of {len(images)} images of {where} cannot be read: {listed}. Replace them, "
-                             "or set data.damaged=skip to leave them out")
-        rank_zero_warn(f"left out {len(bad)} of {len(images)} images of {where} that cannot be read "
-                       f"(data.damaged=skip): {listed}")
-        bad_rows = {i for i, _, _ in bad}
-        return Subset(images, [i for i in range(len(images)) if i not in bad_rows])
+        return without_damaged(images, rows, where, self.damaged)

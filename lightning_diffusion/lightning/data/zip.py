@@ -3,8 +3,9 @@
 `dataset.json` is `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}` (unlabeled); the images are
 every entry with an image extension, in sorted order, as EDM reads them. Only the zip's directory and dataset.json
 are read up front (checked: a missing dataset.json, labels naming absent images, images without a label, labels out
-of range are refused naming the entry); each image is decoded when it is drawn, one zip handle per process, and an
-unreadable image (a truncated PNG) is refused naming its entry. Images of another size are brought to `image_size`
+of range are refused naming the entry); every image is decoded once when the data are set up, as an image folder's
+are (a truncated or corrupt PNG is refused naming its entry, or left out with `damaged=skip`), then again when it
+is drawn, one zip handle per process. 16-bit greyscale is read at its own depth (`read_image`, shared with folders). Images of another size are brought to `image_size`
 by ADM's centre crop (Dhariwal & Nichol 2021: box-halve, bicubic, crop; EDM's `center-crop-dhariwal`) or by an
 antialiased resize of the short side and a centre crop.
 """
@@ -12,15 +13,16 @@ antialiased resize of the short side and a centre crop.
 import json
 import os
 import zipfile
+from functools import partial
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import DiffusionDataModule, from_uint8
+from .base import DiffusionDataModule
+from .integrity import CHANNELS, read_image, without_damaged
 
-MODES = {"L": 1, "RGB": 3}
+MODES = ("L", "RGB")
 CROPS = ("adm", "resize")
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 LABELS = "dataset.json"
@@ -103,15 +105,12 @@ class ZipImages(Dataset):
     def decode(self, name: str) -> torch.Tensor:
         if self._zip is None:
             self._zip = zipfile.ZipFile(self.path)
+        fit = adm_center_crop if self.crop == "adm" else resize_center_crop
         try:
-            with self._zip.open(name) as f, Image.open(f) as im:
-                im = im.convert(self.mode)
+            with self._zip.open(name) as f:
+                return read_image(f, self.mode, self.image_size, fit)
         except (OSError, ValueError, zipfile.BadZipFile) as err:  # PIL's truncated / unidentified image, a bad CRC
             raise ValueError(f"cannot read the image {name!r} in {self.path}: {err}") from err
-        if im.size != (self.image_size, self.image_size):
-            im = (adm_center_crop if self.crop == "adm" else resize_center_crop)(im, self.image_size)
-        array = np.asarray(im, dtype=np.uint8).reshape(self.image_size, self.image_size, -1)
-        return from_uint8(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
 
 class ZipDataModule(DiffusionDataModule):
@@ -119,14 +118,18 @@ class ZipDataModule(DiffusionDataModule):
 
     Args:
         crop: how an image of another size becomes image_size: "adm" (ADM's centre crop) or "resize".
+        damaged: what the set-up scan does with images that cannot be decoded: "error" names every one, "skip" leaves
+            them out and says how many.
         num_classes: null: the largest label + 1; labels outside 0..num_classes-1 are refused.
     """
 
     def __init__(self, path: str, image_size: int | None = None, mode: str = "RGB", crop: str = "adm",
                  num_classes: int | None = None, hflip: bool = False, batch_size: int = 128, num_workers: int = 0,
-                 seed: int = 0, val_fraction: float = 0.01):
+                 seed: int = 0, val_fraction: float = 0.01, damaged: str = "error"):
         if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: accepted {sorted(MODES)}")
+            raise ValueError(f"mode={mode!r}: accepted {list(MODES)}")
+        if damaged not in ("error", "skip"):
+            raise ValueError(f"damaged={damaged!r}: accepted 'error' (name every unreadable image) or 'skip'")
         if crop not in CROPS:
             raise ValueError(f"crop={crop!r}: accepted {list(CROPS)}")
         if image_size is not None and not (isinstance(image_size, int) and image_size >= 1):
@@ -134,7 +137,7 @@ class ZipDataModule(DiffusionDataModule):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data.path={path!r} does not exist: give an EDM dataset zip (dataset_tool.py)")
         super().__init__(batch_size, num_workers, seed, val_fraction, hflip)
-        self.path, self.mode, self.crop = path, mode, crop
+        self.path, self.mode, self.crop, self.damaged = path, mode, crop, damaged
         self.names, self.labels, self.num_classes = read_index(path, num_classes)
         if image_size is None:
             with zipfile.ZipFile(path) as z, z.open(self.names[0]) as f, Image.open(f) as im:
@@ -143,7 +146,10 @@ class ZipDataModule(DiffusionDataModule):
                                      "square: set data.image_size to crop every image to a square")
                 image_size = im.size[0]
         self.image_size = image_size
-        self.shape = (MODES[mode], image_size, image_size)
+        self.shape = (CHANNELS[mode], image_size, image_size)
 
-    def load(self) -> ZipImages:
-        return ZipImages(self.path, self.names, self.labels, self.image_size, self.mode, self.crop)
+    def load(self) -> Dataset:
+        images = ZipImages(self.path, self.names, self.labels, self.image_size, self.mode, self.crop)
+        with zipfile.ZipFile(self.path) as z:  # read from the scan's threads: ZipFile reads are thread-safe
+            rows = ({"path": name, "read": partial(z.read, name)} for name in self.names)
+            return without_damaged(images, rows, self.path, self.damaged)

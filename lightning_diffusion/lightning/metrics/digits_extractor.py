@@ -15,7 +15,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ...networks.digits_cnn import IMAGE_SIZE, DigitsCNN
-from ..artifacts import atomic_write, default_cache_dir
+from ..artifacts import default_cache_dir, save_torch
 from ..data.base import from_uint8
 from ..data.digits import DigitsDataModule
 from .images import fidelity_images
@@ -121,5 +121,5 @@ def _train(out, epochs, seed, batch_size, lr, width, feature_dim) -> dict:
     record = {"state_dict": net.state_dict(), "hparams": {"width": width, "feature_dim": feature_dim},
               "val_accuracy": accuracy, "seed": seed, "epochs": epochs,
               "data": "sklearn digits, DigitsDataModule(seed=0, val_fraction=0.1) train split"}
-    path = atomic_write(Path(out).expanduser(), lambda tmp: torch.save(record, tmp))
+    path = save_torch(record, Path(out).expanduser())
     return {"path": str(path), "val_accuracy": accuracy}
