@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from .lightning.builder import build
+from .lightning.builder import build, check_run
 from .lightning.checkpoints import check_same_run, link_latest, resolve_ckpt_path, save_run_config
 from .lightning.distributed import collectives_watched
 from .lightning.early_signals import record_from_now
@@ -26,6 +26,7 @@ register_resolvers()
 
 def train(cfg: DictConfig) -> dict:
     """Fit, then return the final metrics (the callbacks write samples, checkpoints and metrics.json to run_dir)."""
+    check_run(cfg)  # seed and ckpt_path are read before build
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.run_dir))
     if cfg.trainer.get("max_steps") == 0 and not ckpt_path:
