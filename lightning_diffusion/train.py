@@ -8,7 +8,6 @@ if __name__ == "__main__":  # the process of `python -m`: SIGTERM / SIGUSR1 reco
 import sys  # noqa: E402 (after the signal recorder, on purpose)
 from pathlib import Path
 
-import hydra
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +16,7 @@ from .lightning.builder import build, check_run
 from .lightning.checkpoints import check_same_run, link_latest, resolve_ckpt_path, save_run_config
 from .lightning.distributed import collectives_watched
 from .lightning.early_signals import record_from_now
-from .lightning.errors import ConfigError
+from .lightning.errors import ConfigError, entry_point
 from .lightning.sweep_runner import job_overrides
 from .lightning.tracking import register_resolvers
 
@@ -49,7 +48,7 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@entry_point("train")
 def hydra_main(cfg: DictConfig) -> None:
     train(cfg)
 
