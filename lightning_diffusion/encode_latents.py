@@ -6,15 +6,15 @@ Shards are split across the ranks (Fabric DDP with devices > 1) and written atom
 and it encodes only the shards that are missing (`lightning.latents`).
 """
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from .lightning.errors import entry_point
 from .lightning.latents import encode_latents
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="encode_latents")
+@entry_point("encode_latents")
 def main(cfg: DictConfig) -> None:
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes)
     fabric.launch()

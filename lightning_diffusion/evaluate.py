@@ -5,16 +5,16 @@ the CPU) by re-launching the command once per extra rank. Neither `ckpt_path` no
 statistics are computed and cached (a job for a cluster node).
 """
 
-import hydra
 from omegaconf import DictConfig
 
+from .lightning.errors import entry_point
 from .lightning.evaluation import evaluate
 from .lightning.tracking import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@entry_point("evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -5,16 +5,16 @@ Writes <run dir>/config.yaml and <run dir>/checkpoints/imported.ckpt (`lightning
 `evaluate` and `sampler_table` take that checkpoint like any other.
 """
 
-import hydra
 from omegaconf import DictConfig
 
 from .lightning.convert.imported import import_model
+from .lightning.errors import entry_point
 from .lightning.tracking import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="import_model")
+@entry_point("import_model")
 def main(cfg: DictConfig) -> None:
     import_model(cfg)
 

@@ -4,15 +4,15 @@ Writes <run_dir>/grids/<sampler>-nfe<N>.json (`lightning.optimized_grids`); samp
 `sampler=<sampler> grid=optimized grid.name=<sampler>-nfe<N> grid.ckpt_path=<the same checkpoint>`.
 """
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from .lightning.errors import entry_point
 from .lightning.optimized_grids import optimize_checkpoint_grid
 from .lightning.sampling import best_device
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="optimize_grid")
+@entry_point("optimize_grid")
 def main(cfg: DictConfig) -> None:
     name = HydraConfig.get().runtime.choices.get("sampler")
     path, record = optimize_checkpoint_grid(cfg.ckpt_path, name, cfg.sampler, cfg.grid, cfg.nfe, cfg.n, cfg.seed,

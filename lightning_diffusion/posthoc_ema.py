@@ -6,16 +6,16 @@ a sweep runner records.
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from .lightning.artifacts import save_json
 from .lightning.checkpoints import export_posthoc_ema
+from .lightning.errors import entry_point
 
 RECORDED = ("sigma_rel", "gamma", "t", "num_snapshots", "fit_error")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="posthoc_ema")
+@entry_point("posthoc_ema")
 def main(cfg: DictConfig) -> None:
     path, summary = export_posthoc_ema(cfg.run_dir, cfg.sigma_rel, cfg.out, cfg.t, cfg.snapshot_dir)
     if cfg.metrics_dir:  # what a sweep trial records (python -m lightning_diffusion.sweep reads metrics.json)

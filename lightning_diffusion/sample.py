@@ -5,13 +5,13 @@ Writes a PNG grid and an .npz (samples, labels, nfe) named after the sampler, it
 
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from .lightning.artifacts import save_grid, save_npz
 from .lightning.checkpoints import find_run_config, load_model
+from .lightning.errors import entry_point
 from .lightning.sampling import best_device, draw, output_stem, sampling_choice, use_transforms
 
 
@@ -32,7 +32,7 @@ def sample(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@entry_point("sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

@@ -5,16 +5,16 @@ protocol in <run_dir>/evaluation/), then <run_dir>/tables/<name>.md, .csv, .tex 
 one column per NFE as measured, the paper's numbers beside (`lightning.sampler_table`).
 """
 
-import hydra
 from omegaconf import DictConfig
 
+from .lightning.errors import entry_point
 from .lightning.sampler_table import row_choices, sampler_table
 from .lightning.tracking import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sampler_table")
+@entry_point("sampler_table")
 def main(cfg: DictConfig) -> None:
     sampler_table(cfg, row_choices(cfg))
 

@@ -9,16 +9,15 @@ import sys  # noqa: E402 (after the signal recorder, on purpose)
 from contextlib import nullcontext
 from pathlib import Path
 
-import hydra
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from .lightning.builder import build
+from .lightning.builder import build, check_run
 from .lightning.checkpoints import check_same_run, link_latest, resolve_ckpt_path, run_lock, save_run_config
 from .lightning.distributed import collectives_watched
 from .lightning.early_signals import record_from_now
-from .lightning.errors import ConfigError
+from .lightning.errors import ConfigError, entry_point
 from .lightning.sweep_runner import job_overrides
 from .lightning.tracking import register_resolvers
 
@@ -27,6 +26,7 @@ register_resolvers()
 
 def train(cfg: DictConfig) -> dict:
     """Fit, then return the final metrics (the callbacks write samples, checkpoints and metrics.json to run_dir)."""
+    check_run(cfg)  # seed and ckpt_path are read before build
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.run_dir))
     if cfg.trainer.get("max_steps") == 0 and not ckpt_path:
@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@entry_point("train")
 def hydra_main(cfg: DictConfig) -> None:
     train(cfg)
 

@@ -85,12 +85,19 @@ def check_pairs(model, callbacks: dict) -> None:
                               "pick callbacks of this model (e.g. callbacks=autoencoder with experiment=autoencoder)")
 
 
-ALL_PARTS = ("first_stage", "network", "model", "sampler", "grid", "trainer", "callbacks", "logger")
+# the sampler and grid before the model, which interpolates them: a fault is named by its key on the command line
+ALL_PARTS = ("first_stage", "sampler", "grid", "network", "model", "trainer", "callbacks", "logger")
+
+
+def check_run(cfg: DictConfig) -> None:
+    """The run's own keys (seed, ckpt_path, ...), which the entry point reads before it builds anything."""
+    schema.check(cfg, schema.TOP_LEVEL)
 
 
 def build(cfg: DictConfig):
     """Instantiate data, network, model, callbacks, loggers and trainer from a composed config, checking it first."""
-    schema.check(cfg, ("data", *schema.TOP_LEVEL))
+    check_run(cfg)
+    schema.check(cfg, ("data",))
     datamodule = make(cfg.data, "data")
     try:
         datamodule.check_source()

@@ -273,14 +273,14 @@ def load_first_stage(ckpt_path: str) -> FirstStage:
 def export_posthoc_ema(run_dir, sigma_rel: float, out=None, t: int | None = None,
                        snapshot_dir=None) -> tuple[Path, dict]:
     """Reconstruct the EMA with length sigma_rel from <run_dir>/posthoc_ema/ and write it as a checkpoint whose
-    `state_dict` `load_model` reads (default <run_dir>/checkpoints/posthoc_ema-sigma_rel=<s>.ckpt).
+    `state_dict` `load_model` reads (default <run_dir>/checkpoints/posthoc_ema-sigma_rel<s>.ckpt).
 
     Returns (checkpoint path, summary: sigma_rel, gamma, t, number of snapshots, coefficients, profile-fit error).
     """
     run_dir = Path(run_dir)
     snapshots = load_snapshots(snapshot_dir or run_dir / "posthoc_ema")
     state, info = reconstruct(snapshots, sigma_rel, t, return_info=True)
-    out = Path(out) if out else run_dir / "checkpoints" / f"posthoc_ema-sigma_rel={sigma_rel:.4f}.ckpt"
+    out = Path(out) if out else run_dir / "checkpoints" / f"posthoc_ema-sigma_rel{sigma_rel:.4f}.ckpt"
     summary = {"sigma_rel": float(sigma_rel), "gamma": info["gamma"], "t": info["t"],
                "num_snapshots": len(info["snapshots"]), "snapshots": info["snapshots"],
                "coefficients": info["coefficients"].tolist(), "fit_error": info["fit_error"], "run_dir": str(run_dir)}

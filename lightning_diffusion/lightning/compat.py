@@ -20,6 +20,15 @@ def cluster_environment(trainer: L.Trainer):
     return trainer._accelerator_connector.cluster_environment
 
 
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer a module is attached to, or None (a module used alone: tests, sampling, export).
+
+    `LightningModule.trainer` raises when none is attached (and under Fabric returns a shim without `world_size`);
+    there is no public "is it attached", and the model asks it in hooks that also run outside a fit.
+    """
+    return module._trainer
+
+
 def averaged_module(callback: WeightAveraging) -> nn.Module | None:
     """The module holding a WeightAveraging callback's average (None before fitting starts).
 

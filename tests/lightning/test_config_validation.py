@@ -8,6 +8,8 @@ from hydra.errors import ConfigCompositionException
 
 from helpers import compose_config
 from lightning_diffusion.lightning.builder import ConfigError, build
+from lightning_diffusion.lightning.schema import CPUS, WORKERS_PER_CPU
+from lightning_diffusion.train import train
 
 CLEAR = (ConfigError, ConfigCompositionException, FileNotFoundError)
 
@@ -34,6 +36,44 @@ def test_bad_config_gives_one_clear_error(overrides, message, tmp_path):
         build(compose_config(overrides, tmp_path))
 
 
+@pytest.mark.parametrize("overrides, message", [  # what an outside fuzz found accepted, or failing only mid-run
+    (["model.optimizer.lr=true"], r"model.optimizer.lr=True: need a number in \(0, 10\)"),  # trained at lr 1.0
+    (["model.optimizer.lr=1e308"], r"model.optimizer.lr=1e\+308: need a number in \(0, 10\)"),
+    (["+model.optimizer.betas=[0.9]"], r"model.optimizer.betas=\[0.9\]: torch.optim.Adam's betas takes tuple\[float"),
+    (["+model.optimizer.betas=[0.9,1.0]"], r"model.optimizer.betas.1=1.0: need a pair of numbers in \[0, 1\)"),
+    (["model.guidance_scale=-inf"], r"model.guidance_scale=-inf: need null \(the model's default\) or a finite number"),
+    (["model.label_dropout=true"], r"model.label_dropout=True: .*DiffusionModel's label_dropout takes a finite float"),
+    (["sampler=heun", "sampler.solver.S_churn=inf"], r"sampler.solver.S_churn=inf: .*heun's S_churn takes a finite"),
+    (["+sampler.nope=1"],  # died at the first validation: "ancestral() got an unexpected keyword argument"
+     r"sampler.nope=1: lightning_diffusion.core.samplers.ancestral takes no 'nope'; it takes denoiser, process, x, "
+     r"times, generator"),
+    (["sampler=heun", "+sampler.solver.nope=3"], r"sampler.solver.nope=3: .*heun takes no 'nope'; it takes .*S_churn"),
+    (["+model.weighting.nope=1"], r"model.weighting.nope=1: .*l_simple takes no 'nope'"),
+    (["+grid.nope=1"], r"grid.nope=1: .*strided_times takes no 'nope'"),
+    (["data.num_workers=1000000"],  # hung before step 0
+     rf"data.num_workers=1000000: need an int in \[0, {WORKERS_PER_CPU * CPUS}\] \({WORKERS_PER_CPU} x the {CPUS} CPUs"),
+    (["callbacks.sample_grid.n=10000000"],  # killed for memory at the first validation
+     r"callbacks.sample_grid.n=10000000: need an int in \[1, 1024\] \(a picture of at most 32 x 32 samples\)"),
+    (["callbacks.final_samples.n_per_class=10000000"], r"n_per_class=10000000: need an int in \[1, 5000\]"),
+    (["data=moons", "network=mlp", "callbacks.final_samples.n_unconditional=10000000"],
+     r"n_unconditional=10000000: need an int in \[1, 50000\]"),
+])
+def test_values_reach_a_check_before_compute(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        build(compose_config(overrides + ["logger=csv"], tmp_path))
+
+
+@pytest.mark.parametrize("overrides, message", [  # train read them before build checked them
+    (["seed=-1"], r"seed=-1: need an int in \[0, 4294967295\]"),
+    (["seed=inf"], r"seed=inf: need an int in \[0, 4294967295\]"),
+    (["seed=4294967296"], r"seed=4294967296: need an int in \[0, 4294967295\]"),
+    (["ckpt_path=-0.5"], r"ckpt_path=-0.5: need 'last', a checkpoint's path, or null"),
+])
+def test_the_runs_own_keys_are_checked_before_train_reads_them(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(compose_config(overrides + ["logger=csv"], tmp_path))
+
+
 # The fuzz: random group choices x random keys set to values, each either sensible ("good") or nonsense ("bad").
 GROUPS = {"model": ["ddpm", "edm", "flow", "ncsn", "score_sde", "score_sde_ve", "score_sde_subvp"],
           "sampler": [None, "ancestral", "ddim", "heun", "euler", "pc", "annealed_langevin", "dpm_solver_pp_2m"],
@@ -41,15 +81,18 @@ GROUPS = {"model": ["ddpm", "edm", "flow", "ncsn", "score_sde", "score_sde_ve", 
           "callbacks": ["default", "with_likelihood", "posthoc_ema"]}
 NAN, INF = float("nan"), float("inf")
 VALUES = {  # key: (good values, bad values)
-    "model.optimizer.lr": ([1e-4, 2e-3], [0, -1, "abc", NAN, INF]),
+    "model.optimizer.lr": ([1e-4, 2e-3], [0, -1, "abc", NAN, INF, True, 1e308]),
     "model.lr_warmup_steps": ([0, 10], [-10, 1.5, "x"]),
-    "model.label_dropout": ([0.0, 0.2], [1.5, -0.1, "x"]),
+    "model.label_dropout": ([0.0, 0.2], [1.5, -0.1, "x", True]),
     "callbacks.ema.half_life_steps": ([5, 100.0], [0, NAN, -3, "x"]),
     "grid.steps": ([3, 10], [0, -1, 2.5, "x"]),
     "trainer.max_steps": ([1, 3], [INF, -5, "x"]),
     "trainer.val_check_interval": ([1, 2], [0, -1, "x"]),
     "guidance_scale": ([None, 1.0], [NAN, INF, -1, "x"]),
-    "seed": ([0, 7], [-1, 1.5, "x"]),
+    "seed": ([0, 7], [-1, 1.5, "x", INF, 2**32]),
+    "model.guidance_scale": ([1.0], [-INF, NAN, True]),
+    "data.num_workers": ([0], [10**6, -1, True]),
+    "callbacks.sample_grid.n": ([4], [10**7, 0, True]),
     "model.learned_variance": ([False], [{}, "no", 1e12]),
     "data.batch_size": ([32, 64], [0, -1, 1.5, "x"]),
     "callbacks.checkpoint.every_n_train_steps": ([2, None], [[], -3, "x"]),

@@ -1,9 +1,11 @@
-"""The shared DiffusionModel and the EMA callback, without a Trainer."""
+"""The shared DiffusionModel and the EMA callback, without a Trainer (one tiny fit for the EMA under a precision)."""
 
 import functools
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 
 from lightning_diffusion.lightning.callbacks import EMA
@@ -106,3 +108,15 @@ def test_ema_update_is_the_recurrence_it_states():
         expected = [beta * e + (1 - beta) * p.detach() for e, p in zip(expected, net.parameters())]
     for got, want in zip(averaged.module.parameters(), expected):
         torch.testing.assert_close(got, want)
+
+
+def test_ema_follows_the_weights_dtype_under_trainer_precision_64():
+    """trainer.precision=64 converts the module after WeightAveraging copied it: the average must turn double too
+    (it failed at the first update, "expected dtype float for `end` but got dtype double")."""
+    ema, model = EMA(half_life_steps=2, ramp=None), BoringModel()
+    trainer = L.Trainer(max_steps=2, precision="64-true", callbacks=[ema], limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)
+    trainer.fit(model)
+    assert trainer.global_step == 2 and {p.dtype for p in model.parameters()} == {torch.float64}
+

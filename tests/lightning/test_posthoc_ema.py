@@ -120,6 +120,8 @@ def test_configs_compose_and_the_sweep_runs_the_command():
     argv = build_command(sweep, {"run_dir": "runs/x", "sigma_rel": 0.08})
     assert argv[-4:] == ["-m", "lightning_diffusion.posthoc_ema", "run_dir=runs/x", "sigma_rel=0.08"]
     cfg = compose_config(argv[-2:] + ["metrics_dir=null"], config_name="posthoc_ema")
-    assert cfg.out == "runs/x/checkpoints/posthoc_ema-sigma_rel=0.08.ckpt"
+    assert cfg.out == "runs/x/checkpoints/posthoc_ema-sigma_rel0.08.ckpt"
+    # the file it writes goes on a command line unquoted: Hydra's override grammar takes no second "="
+    assert compose_config([f"ckpt_path={cfg.out}"], config_name="sample").ckpt_path == cfg.out
     for sigma_rel in sweep["parameters"]["sigma_rel"]["values"]:
         sigma_rel_to_gamma(sigma_rel)  # every swept length is valid

@@ -76,6 +76,7 @@ def test_images_of_another_size_are_brought_to_image_size(tmp_path, digits):
     ("unlabeled_image", r"the image '00000/img00000063.png' has no label"),
     ("out_of_range", r"the label 12 of '00000/img00000005.png' is outside 0..9 \(data.num_classes=10\)"),
     ("negative", r"the label -1 of '00000/img00000005.png' is not a class index"),
+    ("boolean", r"the label True of '00000/img00000005.png' is not a class index"),
 ])
 def test_bad_zips_are_refused_naming_the_entry(tmp_path, digits, case, error):
     x, y = digits
@@ -97,7 +98,7 @@ def test_bad_zips_are_refused_naming_the_entry(tmp_path, digits, case, error):
         elif case == "unlabeled_image":
             entries.pop()
         else:
-            entries[5][1] = 12 if case == "out_of_range" else -1
+            entries[5][1] = {"out_of_range": 12, "negative": -1, "boolean": True}[case]
         with zipfile.ZipFile(path, "a") as z:
             z.writestr("dataset.json", json.dumps({"labels": entries}))
     with pytest.raises(ValueError, match=error):

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ...core.power_ema import SNAPSHOT_GLOB, power_ema_beta, sigma_rel_to_gamma, snapshot_name
 from ..artifacts import save_torch
-from ..compat import callback_state_key
+from ..compat import averaged_module, callback_state_key
 
 
 class EMA(WeightAveraging):
@@ -41,6 +41,15 @@ class EMA(WeightAveraging):
             return self.fixed_decay
         half_life = self.half_life_steps if self.ramp is None else min(self.half_life_steps, self.ramp * num_averaged)
         return 0.5 ** (1.0 / max(half_life, 1e-8))
+
+    def on_fit_start(self, trainer, pl_module):
+        # WeightAveraging copies the module in `setup`, before a precision plugin converts it (trainer.precision=64
+        # makes the weights double): the average takes the weights' dtype, tensor by tensor
+        average = averaged_module(self)
+        weights = {**dict(pl_module.named_parameters()), **dict(pl_module.named_buffers())}
+        for name, tensor in [*average.named_parameters(), *average.named_buffers()]:
+            if name in weights:
+                tensor.data = tensor.data.to(weights[name].dtype)
 
     def _average_all(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
         """averaged <- beta averaged + (1 - beta) current, in place, one foreach kernel per device and dtype group."""

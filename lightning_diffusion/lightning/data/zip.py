@@ -72,7 +72,7 @@ def read_index(path: str, num_classes: int | None) -> tuple[list[str], list[int]
     if unlabeled:
         raise ValueError(f"{path}: the image {unlabeled[0]!r} has no label in {LABELS} ({len(unlabeled)} unlabeled)")
     values = [by_name[n] for n in names]
-    bad = next((n for n, v in zip(names, values) if not isinstance(v, int) or v < 0), None)
+    bad = next((n for n, v in zip(names, values) if type(v) is not int or v < 0), None)  # JSON's true is no class
     if bad is not None:
         raise ValueError(f"{path}: the label {by_name[bad]!r} of {bad!r} is not a class index (an int >= 0); "
                          "vector labels are not supported")

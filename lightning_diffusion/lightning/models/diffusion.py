@@ -20,6 +20,7 @@ from ...core.processes import Process
 from ...core.samplers import classifier_free_guidance, generate
 from ...core.transforms import apply_transforms
 from ...networks.first_stage import FirstStage
+from ..compat import attached_trainer
 from ..data.augment import AugmentPipe
 from .gradient_checkpointing import checkpoint_blocks
 from .logsnr_bins import LogsnrBins
@@ -131,9 +132,14 @@ class DiffusionModel(L.LightningModule):
             self.denoiser(torch.zeros(2, *shape), t, labels, **extra)
 
     # ---- training ---------------------------------------------------------------------------------------------------
+    def _world_size(self) -> int:
+        """Processes training together; 1 with no Trainer attached (the model used alone, as in tests)."""
+        trainer = attached_trainer(self)
+        return trainer.world_size if trainer is not None else 1
+
     def draw_noise_levels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         if self.stratified:
-            u = stratified_draws(n, self.global_rank, self.trainer.world_size if self._trainer else 1, generator)
+            u = stratified_draws(n, self.global_rank, self._world_size(), generator)
         else:
             u = uniform_draws(n, generator)
         return self.noise_levels(u, self.process).to(self.device)
@@ -250,7 +256,7 @@ class DiffusionModel(L.LightningModule):
         # the random stream of noise levels, noise and label dropout of every rank (every rank saves together), so
         # a resumed run draws what the original would
         checkpoint["rng_state"] = torch.get_rng_state()
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self._world_size() > 1:
             checkpoint["rank_rng_states"] = self.all_gather(checkpoint["rng_state"].to(self.device)).cpu()
         if self.adaptive:  # importance sampling's loss history
             checkpoint["noise_levels"] = self.noise_levels.state_dict()
@@ -259,8 +265,7 @@ class DiffusionModel(L.LightningModule):
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
         states = checkpoint.get("rank_rng_states")
-        self._rank_stream_restored = states is not None and self._trainer is not None and \
-            len(states) == self.trainer.world_size
+        self._rank_stream_restored = states is not None and len(states) == self._world_size()
         if self._rank_stream_restored:
             torch.set_rng_state(states[self.global_rank].clone())  # its own storage: a row view segfaults
         if self.adaptive and "noise_levels" in checkpoint:
