@@ -153,7 +153,8 @@ def sampling(family: str, sampler: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,sampler", [(f, s) for f in FAMILIES for s in SAMPLERS])
+@pytest.mark.parametrize("family,sampler", [pytest.param(f, s, marks=pytest.mark.xdist_group(f"toy_{f}"))
+                                            for f in FAMILIES for s in SAMPLERS])  # one xdist worker trains each family
 def test_every_family_with_every_sampler(family, sampler, toy_models, one_thread):
     model, real = toy_models(family)
     chosen = sampling(family, sampler)
