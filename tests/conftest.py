@@ -6,7 +6,8 @@ import torch
 # pytest-xdist's workers (README's command runs `-n 2`) share the machine's cores: each takes its share of threads, and
 # the processes a test starts inherit it (OMP_NUM_THREADS), so two workers on two cores do not oversubscribe them.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
+    THREADS = max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     torch.set_num_threads(THREADS)
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
