@@ -29,7 +29,8 @@ from helpers import ROOT, TESTS
 SLURM = ROOT / "slurm"
 CPU = ("--gpus-per-node=0", "--cpus-per-task=1", "--time=10:00")  # the scripts ask for GPUs; this node has none
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+# one xdist worker runs these and the DDP tests (tests/lightning/test_ddp.py), one after another: the node has two CPUs
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.xdist_group("two_processes")]
 
 
 @pytest.fixture(scope="module")

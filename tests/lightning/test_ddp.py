@@ -15,7 +15,8 @@ import torch
 
 from helpers import TESTS, entry_point_env
 
-pytestmark = pytest.mark.slow
+# two processes each: one xdist worker runs these and the SLURM tests (tests/cli/test_slurm.py), one after another
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("two_processes")]
 
 
 def test_two_process_ddp_run_shares_one_run_directory(tmp_path):
