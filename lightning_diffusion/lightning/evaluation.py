@@ -25,7 +25,7 @@ from .metrics.images import fidelity_images, image_folder
 from .metrics.reference import data_key, data_split, reference_statistics
 from .metrics.sharding import gather_shards, generate_shard
 from .progress import progress_bar
-from .sampling import output_stem, sampling_choice
+from .sampling import output_stem, sampler_label, sampling_choice
 
 SPLITS = ("train", "val")
 # image size of torch-fidelity's registered data sets, so a cached key is found without the data on disk
@@ -196,7 +196,8 @@ def evaluate_checkpoint(ev: Evaluation) -> dict:
     guidance = model.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     protocol = protocol_record(
         ev.extractor, cfg.num_samples, ev.ref_record, cfg.seeds, sampler=OmegaConf.to_container(sampler_cfg),
-        grid=OmegaConf.to_container(grid_cfg), nfe=nfe, guidance_scale=guidance if model.num_classes else None,
+        grid=OmegaConf.to_container(grid_cfg), sampler_label=sampler_label(sampler_cfg, grid_cfg), nfe=nfe,
+        guidance_scale=guidance if model.num_classes else None,
         ema=checkpoint_has_ema(cfg.ckpt_path), options=ev.options, checkpoint=str(Path(cfg.ckpt_path).resolve()),
         checkpoint_sha256=sha256_file(cfg.ckpt_path), labels="0..C-1 cycled" if model.num_classes else None,
         batch_size=cfg.batch_size, world_size=ev.world, chunk_seeding="chunk k of seed s: SeedSequence([s, k])",

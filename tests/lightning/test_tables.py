@@ -104,3 +104,48 @@ def test_a_real_run_is_collected(tmp_path):
     (record,) = collect([tmp_path])
     assert record["keys"]["model.weighting._target_"] == "lightning_diffusion.core.weightings.l_simple"
     assert 0.0 <= record["metrics"]["final/classifier_accuracy"] <= 1.0 and "train/loss" in record["metrics"]
+
+
+def fake_evaluation(run_dir, name, fid, seeds=(0,), **protocol):
+    (run_dir / f"{name}.json").write_text(json.dumps({"metrics": {"fid": fid}, "protocol": {
+        "nfe": 10, "num_samples": 500, "seeds": list(seeds), "sampler_label": "heun-karras",
+        "sampler": {"_target_": "lightning_diffusion.core.samplers.pf_ode", "solver": {"_target_": "heun"}},
+        **protocol}}))
+
+
+def test_a_key_no_result_has_is_refused_naming_the_keys_they_have(tmp_path):
+    """Issue 23, item 12: `--cols protocol.sampler.name` (no result file has it) put every sampler in one column."""
+    fake_run(tmp_path / "r0", "l_simple", "linear_betas", 0, 0.9)
+    fake_evaluation(tmp_path / "r0", "heun", 30.0)
+    fake_evaluation(tmp_path / "r0", "ddim", 40.0, sampler_label="ddim-uniform",
+                    sampler={"_target_": "lightning_diffusion.core.samplers.ddim"})
+    with pytest.raises(ValueError, match=r"no result has the key 'protocol.sampler.name'.*'protocol.sampler._target_'"):
+        summarize(collect([tmp_path]), ["protocol.nfe"], ["protocol.sampler.name"], "fid")
+    cells = summarize(collect([tmp_path]), ["protocol.nfe"], ["protocol.sampler_label"], "fid")
+    assert cells == {("10", "heun-karras"): [30.0], ("10", "ddim-uniform"): [40.0]}
+
+
+def test_only_seeds_of_one_protocol_are_averaged(tmp_path):
+    """Issue 23, item 12: results with 500 and 200 samples (or two samplers) were averaged as if they were seeds."""
+    fake_run(tmp_path / "r0", "l_simple", "linear_betas", 0, 0.9)
+    fake_evaluation(tmp_path / "r0", "a", 30.0, seeds=[0])
+    fake_evaluation(tmp_path / "r0", "b", 32.0, seeds=[1])  # another seed set of the same protocol: pooled
+    fake_run(tmp_path / "r1", "l_simple", "linear_betas", 1, 0.9)  # another training seed: pooled too
+    fake_evaluation(tmp_path / "r1", "a", 34.0, seeds=[0])
+    assert summarize(collect([tmp_path]), ["protocol.nfe"], [], "fid") == {("10", "fid"): [30.0, 32.0, 34.0]}
+    fake_evaluation(tmp_path / "r1", "c", 60.0, num_samples=200)
+    with pytest.raises(ValueError, match=r"different protocols.*protocol.num_samples: 500 vs 200.*--rows or --cols"):
+        summarize(collect([tmp_path]), ["protocol.nfe"], [], "fid")
+    cells = summarize(collect([tmp_path]), ["protocol.nfe"], ["protocol.num_samples"], "fid")
+    assert cells == {("10", "500"): [30.0, 32.0, 34.0], ("10", "200"): [60.0]}
+
+
+def test_runs_trained_otherwise_are_not_pooled(tmp_path):
+    """Issue 23, item 12: training runs that differ in more than the seed (here the steps) are not one protocol."""
+    fake_run(tmp_path / "r0", "l_simple", "linear_betas", 0, 0.9)
+    fake_run(tmp_path / "r1", "l_simple", "linear_betas", 1, 0.8)
+    cfg = OmegaConf.load(tmp_path / "r1" / "config.yaml")
+    cfg.trainer = {"max_steps": 300}
+    OmegaConf.save(cfg, tmp_path / "r1" / "config.yaml")
+    with pytest.raises(ValueError, match=r"trainer.max_steps: '<absent>' vs 300"):
+        summarize(collect([tmp_path]), ROWS, [], "final/classifier_accuracy")
