@@ -6,6 +6,7 @@ rank 0 gathers them and computes the metrics once; the samples depend on (seed, 
 """
 
 import hashlib
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -58,9 +59,6 @@ def check_config(cfg: DictConfig) -> None:
     if source and source not in DATASETS_REGISTRY and not Path(source).is_dir():
         raise ValueError(f"reference.source={source!r} is neither a torch-fidelity data set "
                          f"({sorted(DATASETS_REGISTRY)}) nor an image folder; null uses the data config")
-    if "kid" in cfg.metrics and cfg.ckpt_path and cfg.fidelity.kid_subset_size > cfg.num_samples:
-        raise ValueError(f"fidelity.kid_subset_size={cfg.fidelity.kid_subset_size} > num_samples={cfg.num_samples}; "
-                         f"lower it or draw more samples")
     if cfg.likelihood.enabled:
         if not cfg.ckpt_path:
             raise ValueError("likelihood.enabled=true needs a checkpoint (ckpt_path=...)")
@@ -93,6 +91,23 @@ def reference_source(cfg: DictConfig, data_cfg):
     first = image_folder(source)[0]
     name = f"{Path(source).name}-{hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]}"
     return name, split, tuple(first.shape[1:]), load_dataset
+
+
+def fidelity_options(cfg: DictConfig, num_samples: int, reference_samples: int) -> dict:
+    """torch-fidelity's options of the config, KID's subset size at most the samples and the reference (warned).
+
+    KID (Binkowski et al. 2018) averages an unbiased MMD^2 over random subsets; a subset of all n < kid_subset_size
+    samples is the same estimator with more variance, so a small evaluation clamps the subset instead of failing.
+    The size used is what the protocol records. Without KID in `metrics` the option is left as it is.
+    """
+    options = OmegaConf.to_container(cfg.fidelity, resolve=True)
+    size = min(num_samples, reference_samples)
+    if "kid" in cfg.metrics and options["kid_subset_size"] > size:
+        logging.getLogger(__name__).warning(
+            f"fidelity.kid_subset_size={options['kid_subset_size']} > {num_samples} samples / {reference_samples} "
+            f"reference images: KID uses subsets of {size} (recorded in the protocol's metric_options)")
+        options["kid_subset_size"] = size
+    return options
 
 
 def checkpoint_has_ema(ckpt_path) -> bool:
@@ -133,6 +148,9 @@ class Evaluation:
                            "num_samples": self.reference.num_samples if self.reference else None,
                            "statistics": str(self.reference.path) if self.reference and self.reference.path else None}
         self.options = OmegaConf.to_container(cfg.fidelity, resolve=True)
+        if self.reference is not None and (cfg.ckpt_path or cfg.images):
+            n = cfg.num_samples if cfg.ckpt_path else len(image_folder(cfg.images))
+            self.options = fidelity_options(cfg, n, self.reference.num_samples)
 
     def score(self, images) -> dict:
         """torch-fidelity's metrics of images (uint8 tensor, folder data set) against the reference (rank 0)."""
