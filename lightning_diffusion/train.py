@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> dict:
         rank_zero_info(f"resuming from {ckpt_path}")
     if trainer.is_global_zero:
         save_run_config(cfg, cfg.run_dir)
-        link_latest(cfg.run_dir)
+        link_latest(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     with collectives_watched(str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")):

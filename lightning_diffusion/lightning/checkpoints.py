@@ -25,17 +25,26 @@ def save_run_config(cfg: DictConfig, run_dir) -> Path:
     return atomic_write(path, lambda tmp: OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), tmp))
 
 
-def link_latest(run_dir) -> Path:
-    """Point `<parent>/latest` at the run directory (a relative symlink swapped in atomically, like W&B's
-    `latest-run`): "the run just trained" has a name, runs/<name>/latest, that commands and sweep files can default
-    to. A real folder of that name is left alone."""
-    run_dir = Path(run_dir).absolute()
+def link_latest(cfg: DictConfig) -> Path | None:
+    """Point `runs/<name>/latest` at the run directory (a relative symlink swapped in atomically, like W&B's
+    `latest-run`): "the run just trained" has a name that commands and sweep files default to.
+
+    Only a full run in the default layout `runs/<name>/<time or job id>` is linked: a debug preset (`debug=fast`'s
+    20-step toy) or a run elsewhere (`hydra.run.dir=...`, sweep trials) never replaces it, nor writes a `latest`
+    beside itself. A real folder of that name is left alone. Returns the link, or None when none was written.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(cfg.run_dir).absolute()
     link = run_dir.parent / LATEST
-    if run_dir.name != LATEST and (link.is_symlink() or not link.exists()):
-        tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(run_dir.name, target_is_directory=True)
-        os.replace(tmp, link)
+    debug = HydraConfig.get().runtime.choices.get("debug") if HydraConfig.initialized() else None
+    default_layout = run_dir.parent == (Path("runs") / str(cfg.name)).absolute()
+    if debug is not None or not default_layout or run_dir.name == LATEST or (link.exists() and not link.is_symlink()):
+        return None
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, link)
     return link
 
 
