@@ -30,7 +30,7 @@ def import_model(cfg: DictConfig) -> Path:
     if not cfg.get("source") or not cfg.get("weights"):
         raise ConfigError("import needs source=<hub id, folder or file of the published model> and a weights "
                           "converter (a published=<name> config, conf/published/, sets both)")
-    _, model, _ = build(cfg)
+    _, model, _ = build(cfg, read_data=False)  # weights only: CIFAR-10 itself is not needed (offline)
     network = model.denoiser.network
     state = instantiate(cfg.weights)(source=cfg.source, denoiser=model.denoiser)
     load_checked(network, state, cfg.source)
