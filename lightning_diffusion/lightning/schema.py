@@ -49,7 +49,8 @@ RANGES: dict[str, tuple[Callable, str]] = {  # dotted key (fnmatch pattern) -> (
     "callbacks.final_samples.n_unconditional": _positive_int_or(),
     "data.num_workers": (lambda v: v >= 0, "an int >= 0"),
 }
-TOP_LEVEL = {"seed": int, "conditional": bool, "guidance_scale": float | None, "ckpt_path": str | None}
+TOP_LEVEL = {"seed": int, "conditional": bool, "guidance_scale": float | None, "ckpt_path": str | None,
+             "init_from": str | None}
 
 
 def check(cfg: DictConfig, parts: Sequence[str]) -> None:

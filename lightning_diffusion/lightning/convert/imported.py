@@ -1,6 +1,6 @@
 """A published model as a regular run of ours: a run directory with the resolved config.yaml and
 checkpoints/imported.ckpt (Lightning's `state_dict` layout), which `sample`, `evaluate` and `tables` read unchanged,
-and from which training can start (`load_weights`).
+and from which training can start (`train init_from=<run dir>`, `lightning.checkpoints.init_from`).
 
 The config is a training config like any other (conf/published/<name>.yaml: the family, network, c_noise and data
 the published model was trained with) plus `source` (where the published model is) and `weights` (a partial
@@ -43,15 +43,3 @@ def import_model(cfg: DictConfig) -> Path:
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     print(f"imported {cfg.source} -> {path} (config {run_dir / 'config.yaml'})")
     return path
-
-
-def load_weights(model: torch.nn.Module, ckpt_path) -> torch.nn.Module:
-    """Start training from a checkpoint's weights (an imported one, or any of ours): the state dict only, checked.
-
-    Optimizer, step and loops start fresh; EMA starts from these weights.
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={ckpt_path} does not exist (an import writes <run_dir>/checkpoints/"
-                                f"{CHECKPOINT})")
-    return load_checked(model, torch.load(path, map_location="cpu", weights_only=False)["state_dict"], path)
