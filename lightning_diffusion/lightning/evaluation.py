@@ -24,8 +24,8 @@ from .metrics.extractors import METRICS, extract_features, load_extractor, resol
 from .metrics.fidelity import fidelity_metrics, protocol_record, save_metrics_json, summarize_seed_sets
 from .metrics.images import fidelity_images, image_folder
 from .metrics.reference import data_key, data_split, reference_statistics
-from .metrics.sharding import gather_shards, generate_shard
-from .progress import progress_bar
+from .metrics.sharding import gather_shards, generate_shard, shard_rounds
+from .progress import sampling_bar
 from .sampling import output_stem, sampler_label, sampling_choice
 
 SPLITS = ("train", "val")
@@ -192,10 +192,12 @@ def evaluate_checkpoint(ev: Evaluation) -> dict:
     sampler_cfg, grid_cfg = sampling_choice(cfg, run_cfg)
     sampler, grid = instantiate(sampler_cfg), instantiate(grid_cfg)
     per_seed, nfe = [], None
+    batches = sum(chunk is not None for chunk in shard_rounds(cfg.num_samples, cfg.batch_size, ev.rank, ev.world))
     for seed in cfg.seeds:
-        with progress_bar(cfg.num_samples, f"sampling, seed set {seed}", cfg.progress, "sample") as bar:
+        with sampling_bar(model, batches, f"sampling {cfg.num_samples}, seed set {seed}", cfg.progress, sampler,
+                          grid) as bar:
             index, x, nfe = generate_shard(model, cfg.num_samples, seed, cfg.batch_size, ev.rank, ev.world, sampler,
-                                           grid, cfg.guidance_scale, bar.update)
+                                           grid, cfg.guidance_scale, on_call=lambda _: bar.update())
         # uint8 RGB is all the extractors read: 4x less to gather than float32
         images = gather_shards(index, fidelity_images(x), ev.all_gather, cfg.num_samples, cfg.batch_size, ev.world)
         if ev.rank == 0:
