@@ -209,14 +209,47 @@ def log_to_wandb(project: str, cells: dict, corner: str, name: str, png: Path) -
     run.finish()
 
 
+def metric_legend(metric: str) -> str:
+    """What a metric's name means, for the line under a table: FID / KID / IS in Inception's features, or the same
+    formulas in another extractor's (`fd_`, `kd_`, `cs_`, lightning.metrics.fidelity), and why KID can be < 0."""
+    name = metric.split("/")[-1]
+    for suffix in ("_mean", "_std", "_min", "_max"):
+        name = name.removesuffix(suffix)
+    kid = ("an unbiased estimate of the squared MMD (cubic polynomial kernel) averaged over subsets, Binkowski et "
+           "al. 2018: the true value is >= 0, but being unbiased the estimate is slightly negative when the two sets "
+           "are close (a value within a few kid_std of 0 is 'indistinguishable')")
+    if name == "fid":
+        return "fid: Frechet Inception Distance (Inception-v3 pool features, lower is better)."
+    if name == "kid":
+        return f"kid: Kernel Inception Distance, {kid}."
+    if name == "is":
+        return "is: Inception Score (higher is better)."
+    for prefix, what in (("fd_", "Frechet distance (FID's formula, lower is better)"),
+                         ("kd_", f"kernel distance (KID's formula: {kid})"),
+                         ("cs_", "classifier score (the Inception Score's formula, higher is better)")):
+        if name.startswith(prefix):
+            return (f"{name}: {what} in the features of the `{name[len(prefix):]}` extractor, not Inception's: not "
+                    f"comparable with FID / KID / IS numbers of papers.")
+    return ""
+
+
+def table_name(rows: list[str], cols: list[str], metric: str) -> str:
+    """The default file stem of a table, from what it shows: `<metric>-by-<rows>[-x-<cols>]` (`_target_` dropped,
+    `/` as `_`), so tables of one metric by other keys never overwrite each other."""
+    def keys(dotted):
+        return "+".join(k.removesuffix("._target_") for k in dotted)
+    return f"{metric.replace('/', '_')}-by-{keys(rows)}" + (f"-x-{keys(cols)}" if cols else "")
+
+
 def make_tables(roots, rows: list[str], cols: list[str], metric: str, out: Path, name: str,
                 wandb_project: str | None = None) -> str:
     """Write <out>/<name>.{md,csv,tex,png} (and log them to W&B if a project is given); returns the Markdown."""
     records = collect(roots)
     cells = summarize(records, rows, cols, metric)
     corner = ", ".join(k.removesuffix("._target_").rsplit(".", 1)[-1] for k in rows) or "run"
+    legend = metric_legend(metric)
     for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
-        text = render(cells, corner, fmt)
+        text = render(cells, corner, fmt) + (f"\n{legend}\n" if legend and fmt == "markdown" else "")
         atomic_write(out / f"{name}.{suffix}", lambda tmp, text=text: Path(tmp).write_text(text))
     png = plot(cells, corner, metric, out / f"{name}.png")
     weightings = plot_weightings(records, rows, out / f"{name}_effective_weighting.png")
@@ -224,4 +257,4 @@ def make_tables(roots, rows: list[str], cols: list[str], metric: str, out: Path,
         print(f"wrote {weightings}: the effective weightings of the rows, overlaid")
     if wandb_project:
         log_to_wandb(wandb_project, cells, corner, name, png)
-    return render(cells, corner, "markdown")
+    return render(cells, corner, "markdown") + (f"\n{legend}\n" if legend else "")

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import FAST, compose_config
-from lightning_diffusion.lightning.report import make_tables, render, summarize
+from lightning_diffusion.lightning.report import make_tables, metric_legend, render, summarize
 from lightning_diffusion.lightning.runs import collect
 from lightning_diffusion.tables import main
 from lightning_diffusion.train import train
@@ -81,7 +81,8 @@ def test_entry_point_writes_all_formats(runs, tmp_path, capsys):
     main([str(runs), "--rows", *ROWS, "--cols", *COLS, "--metric", "final/classifier_accuracy",
           "--out", str(tmp_path / "out")])
     for suffix in ("md", "csv", "tex", "png"):
-        assert (tmp_path / "out" / f"final_classifier_accuracy.{suffix}").stat().st_size > 0
+        path = tmp_path / "out" / f"final_classifier_accuracy-by-model.weighting-x-model.process.schedule.{suffix}"
+        assert path.stat().st_size > 0
     assert "| min_snr |" in capsys.readouterr().out
 
 
@@ -149,3 +150,24 @@ def test_runs_trained_otherwise_are_not_pooled(tmp_path):
     OmegaConf.save(cfg, tmp_path / "r1" / "config.yaml")
     with pytest.raises(ValueError, match=r"trainer.max_steps: '<absent>' vs 300"):
         summarize(collect([tmp_path]), ROWS, [], "final/classifier_accuracy")
+
+
+def test_tables_of_one_metric_by_other_keys_do_not_overwrite_each_other(runs, tmp_path):
+    """Issue 23, item 19: every table of a metric was <out>/<metric>.*, so the next one overwrote it."""
+    for rows, cols in ((ROWS, COLS), (COLS, ROWS)):
+        main([str(runs), "--rows", *rows, "--cols", *cols, "--metric", "final/classifier_accuracy",
+              "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.md")) == [
+        "final_classifier_accuracy-by-model.process.schedule-x-model.weighting.md",
+        "final_classifier_accuracy-by-model.weighting-x-model.process.schedule.md"]
+
+
+def test_the_table_says_what_kd_cs_and_fd_mean_and_why_kid_can_be_negative(tmp_path):
+    """Issue 23, item 19: KID came out negative (-1.09) with no word on why, nor on the `kd_` / `cs_` names."""
+    fake_run(tmp_path / "r0", "l_simple", "linear_betas", 0, 0.9)
+    (tmp_path / "r0" / "e.json").write_text(json.dumps({"metrics": {"kd_digits-cnn_mean": -1.09}, "protocol": {"nfe": 4}}))
+    markdown = make_tables([tmp_path], ["protocol.nfe"], [], "kd_digits-cnn_mean", tmp_path / "out", "t")
+    assert "kd_digits-cnn: kernel distance (KID's formula" in markdown and "slightly negative" in markdown
+    assert "not Inception's" in (tmp_path / "out" / "t.md").read_text()
+    assert "classifier score" in metric_legend("cs_digits-cnn_mean") and "Frechet" in metric_legend("fd_digits-cnn")
+    assert metric_legend("final/classifier_accuracy") == ""
