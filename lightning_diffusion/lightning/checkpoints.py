@@ -171,14 +171,14 @@ def run_checkpoint(source) -> Path:
 
 
 # what a network loaded into another run must share with it: the noise process, the sample shape, the labels
-AGREE = {"model.process": "the noise process", "data_meta.shape": "the data shape (latent shape with a first stage)",
-         "data_meta.num_classes": "the conditioning (number of classes; 0 = unconditional)"}
+AGREE = {"model.process": "noise process", "data_meta.shape": "data shape (the latents' with a first stage)",
+         "data_meta.num_classes": "conditioning (number of classes, 0: unconditional)"}
 
 
 def load_run(source, key: str = "ckpt_path", like: DictConfig | None = None) -> tuple[dict, DictConfig, Path]:
     """(checkpoint, resolved run config, checkpoint path) of a run directory or a checkpoint in one: the one way a
     trained network comes in (sample / evaluate's `load_model`, a frozen first stage, `init_from`; teachers and
-    guides later), read weights-only (a pickle that would run code is refused, never opened).
+    guides later), read weights-only (a pickle that would run code is refused; its code never runs).
 
     With `like` (the config of the run that will use it), the noise process, data shape and conditioning must agree,
     else a ConfigError naming `key` and both values, before any compute.
@@ -200,7 +200,7 @@ def load_run(source, key: str = "ckpt_path", like: DictConfig | None = None) -> 
                             for v in (theirs, ours))
             if theirs != ours:
                 raise ConfigError(f"{key}={source} was trained with another {what}: {dotted}={theirs} there, "
-                                  f"{ours} here; give a run of the same {what}, or change this run's to match")
+                                  f"{ours} here; start from a run that matches, or make this run match it")
     return checkpoint, cfg, path
 
 

@@ -47,10 +47,10 @@ def test_init_from_loads_the_weights_and_refuses_another_process_shape_or_condit
     assert init_from(model, cfg) == tmp_path / "a" / "checkpoints" / "last.ckpt"
     for (name, ours), theirs in zip(model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(ours, theirs), name
-    refusals = {("model.process.T=100",): r"init_from=.*another the noise process: model.process=.*'T': 50.*'T': 100",
-                ("conditional=false",): r"another the conditioning .*data_meta.num_classes=10 there, 0 here",
+    refusals = {("model.process.T=100",): r"init_from=.*another noise process: model.process=.*'T': 50.*'T': 100",
+                ("conditional=false",): r"another conditioning .*data_meta.num_classes=10 there, 0 here",
                 ("data=digits16", "network.attn_resolutions=[8]"):
-                    r"another the data shape .*data_meta.shape=\[1, 8, 8\] there, \[1, 16, 16\] here"}
+                    r"another data shape .*data_meta.shape=\[1, 8, 8\] there, \[1, 16, 16\] here"}
     for overrides, match in refusals.items():
         cfg, model = fresh(tmp_path / "c", f"init_from={tmp_path / 'a'}", *overrides)
         before = {k: v.clone() for k, v in model.state_dict().items()}
