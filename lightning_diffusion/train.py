@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from .lightning.builder import build, check_run
-from .lightning.checkpoints import check_same_run, link_latest, resolve_ckpt_path, run_lock, save_run_config
+from .lightning.checkpoints import (check_same_run, init_from, link_latest, resolve_ckpt_path, run_lock,
+                                   save_run_config)
 from .lightning.distributed import collectives_watched
 from .lightning.early_signals import record_from_now
 from .lightning.errors import ConfigError, entry_point
@@ -37,10 +38,13 @@ def train(cfg: DictConfig) -> dict:
     with run_lock(cfg.run_dir) if trainer.is_global_zero else nullcontext():
         if ckpt_path:
             check_same_run(cfg, Path(cfg.run_dir))  # before config.yaml is overwritten
-            rank_zero_info(f"resuming from {ckpt_path}")
+            rank_zero_info(f"resuming from {ckpt_path}" + (" (init_from is for a fresh start)" if cfg.get("init_from")
+                                                           else ""))
+        elif cfg.get("init_from"):
+            rank_zero_info(f"initialised from {init_from(model, cfg)} (weights only; the EMA starts from them)")
         if trainer.is_global_zero:
             save_run_config(cfg, cfg.run_dir)
-            link_latest(cfg.run_dir)
+            link_latest(cfg)
         for logger in trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         with collectives_watched(str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")):

@@ -94,13 +94,18 @@ def check_run(cfg: DictConfig) -> None:
     schema.check(cfg, schema.TOP_LEVEL)
 
 
-def build(cfg: DictConfig):
-    """Instantiate data, network, model, callbacks, loggers and trainer from a composed config, checking it first."""
+def build(cfg: DictConfig, read_data: bool = True):
+    """Instantiate data, network, model, callbacks, loggers and trainer from a composed config, checking it first.
+
+    `read_data=False` (an import, which only converts weights): the data set's shape and labels come from its config
+    (the data module's constructor reads no images), and its source is not looked for.
+    """
     check_run(cfg)
     schema.check(cfg, ("data",))
     datamodule = make(cfg.data, "data")
     try:
-        datamodule.check_source()
+        if read_data:
+            datamodule.check_source()
     except OSError as err:  # ConnectionError: a Hub data set offline and not cached
         raise ConfigError(f"data: {err}") from err
     schema.check(cfg, ("first_stage",))

@@ -32,17 +32,26 @@ def save_run_config(cfg: DictConfig, run_dir) -> Path:
     return atomic_write(path, lambda tmp: OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), tmp))
 
 
-def link_latest(run_dir) -> Path:
-    """Point `<parent>/latest` at the run directory (a relative symlink swapped in atomically, like W&B's
-    `latest-run`): "the run just trained" has a name, runs/<name>/latest, that commands and sweep files can default
-    to. A real folder of that name is left alone."""
-    run_dir = Path(run_dir).absolute()
+def link_latest(cfg: DictConfig) -> Path | None:
+    """Point `runs/<name>/latest` at the run directory (a relative symlink swapped in atomically, like W&B's
+    `latest-run`): "the run just trained" has a name that commands and sweep files default to.
+
+    Only a full run in the default layout `runs/<name>/<time or job id>` is linked: a debug preset (`debug=fast`'s
+    20-step toy) or a run elsewhere (`hydra.run.dir=...`, sweep trials) never replaces it, nor writes a `latest`
+    beside itself. A real folder of that name is left alone. Returns the link, or None when none was written.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(cfg.run_dir).absolute()
     link = run_dir.parent / LATEST
-    if run_dir.name != LATEST and (link.is_symlink() or not link.exists()):
-        tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(run_dir.name, target_is_directory=True)
-        os.replace(tmp, link)
+    debug = HydraConfig.get().runtime.choices.get("debug") if HydraConfig.initialized() else None
+    default_layout = run_dir.parent == (Path("runs") / str(cfg.name)).absolute()
+    if debug is not None or not default_layout or run_dir.name == LATEST or (link.exists() and not link.is_symlink()):
+        return None
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, link)
     return link
 
 
@@ -229,21 +238,79 @@ def _get(tree, dotted: str):
     return tree
 
 
+def run_checkpoint(source) -> Path:
+    """The checkpoint a run directory stands for (its checkpoints/last.ckpt, or its only checkpoint, e.g. an
+    import's imported.ckpt), or `source` itself when it is a file."""
+    source = Path(source)
+    if source.is_file():
+        return source
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} does not exist: give a run directory or a checkpoint file in one")
+    found = sorted((source / "checkpoints").glob("*.ckpt"))
+    last = source / "checkpoints" / "last.ckpt"
+    if last.is_file() or len(found) == 1:
+        return last if last.is_file() else found[0]
+    raise FileNotFoundError(f"{source} has no checkpoints/last.ckpt and " + (
+        f"several checkpoints {[p.name for p in found]}: name one" if found else "no checkpoints/*.ckpt"))
+
+
+# what a network loaded into another run must share with it: the noise process, the sample shape, the labels
+AGREE = {"model.process": "noise process", "data_meta.shape": "data shape (the latents' with a first stage)",
+         "data_meta.num_classes": "conditioning (number of classes, 0: unconditional)"}
+
+
+def load_run(source, key: str = "ckpt_path", like: DictConfig | None = None) -> tuple[dict, DictConfig, Path]:
+    """(checkpoint, resolved run config, checkpoint path) of a run directory or a checkpoint in one: the one way a
+    trained network comes in (sample / evaluate's `load_model`, a frozen first stage, `init_from`; teachers and
+    guides later), read weights-only (a pickle that would run code is refused; its code never runs).
+
+    With `like` (the config of the run that will use it), the noise process, data shape and conditioning must agree,
+    else a ConfigError naming `key` and both values, before any compute.
+    """
+    try:
+        path = run_checkpoint(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{key}={source}: {err}") from err
+    cfg = OmegaConf.load(find_run_config(path))
+    checkpoint = read_checkpoint(path)  # weights-only: a pickle holding code is refused, naming the file
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{key}={path} is not a lightning_diffusion checkpoint: it has no state_dict")
+    if like is not None:
+        for dotted, what in AGREE.items():
+            theirs, ours = (OmegaConf.select(c, dotted) for c in (cfg, like))
+            theirs, ours = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                            for v in (theirs, ours))
+            if theirs != ours:
+                raise ConfigError(f"{key}={source} was trained with another {what}: {dotted}={theirs} there, "
+                                  f"{ours} here; start from a run that matches, or make this run match it")
+    return checkpoint, cfg, path
+
+
+def load_state(module: torch.nn.Module, state: dict, key: str, path) -> torch.nn.Module:
+    """module.load_state_dict(state), a mismatch raised naming the file and the first keys that differ."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{key}={path} does not match the model of {find_run_config(path)}: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return module
+
+
 def load_model(ckpt_path, device: str = "cpu"):
     """(model with the checkpoint's weights (the EMA weights when EMA was on), resolved run config)."""
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
-    cfg = OmegaConf.load(find_run_config(ckpt_path))
+    checkpoint, cfg, path = load_run(ckpt_path)
     extra = {"first_stage": instantiate(cfg.first_stage)} if cfg.get("first_stage") else {}
     model = instantiate(cfg.model, network=instantiate(cfg.network), **extra)
-    state = read_checkpoint(ckpt_path, map_location=device).get("state_dict")
-    if state is None:
-        raise ValueError(f"{ckpt_path} is not a lightning_diffusion checkpoint: it has no state_dict")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_path} does not match the model in {find_run_config(ckpt_path)}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_state(model, checkpoint["state_dict"], "ckpt_path", path)
     return model.to(device).eval(), cfg
+
+
+def init_from(model: torch.nn.Module, cfg: DictConfig) -> Path:
+    """Fine-tuning: the weights (EMA ones when EMA was on) of the run or checkpoint `cfg.init_from` into `model`,
+    before training (optimizer, step and loops start fresh; the EMA starts from these weights), checked to share
+    the new run's process, data shape and conditioning. Returns the checkpoint read."""
+    checkpoint, _, path = load_run(cfg.init_from, "init_from", like=cfg)
+    load_state(model, checkpoint["state_dict"], "init_from", path)
+    return path
 
 
 TRAIN_ONE = "train one with `python -m lightning_diffusion.train experiment=autoencoder`"
@@ -251,22 +318,20 @@ TRAIN_ONE = "train one with `python -m lightning_diffusion.train experiment=auto
 
 def load_first_stage(ckpt_path: str) -> FirstStage:
     """The autoencoder (its EMA weights, when EMA was on) and latent scale from a checkpoint of its training run."""
-    path = Path(ckpt_path)
-    if not path.is_file():
+    if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"first-stage checkpoint {ckpt_path} does not exist: {TRAIN_ONE} and give its "
                                 "checkpoints/last.ckpt as first_stage.ckpt_path")
-    cfg = OmegaConf.load(find_run_config(path))
+    checkpoint, cfg, path = load_run(ckpt_path, "first_stage.ckpt_path")
     if not str(cfg.model.get("_target_", "")).endswith("AutoencoderModel"):
         raise ValueError(f"{ckpt_path} is a checkpoint of {cfg.model.get('_target_')}, not of an autoencoder: "
                          f"{TRAIN_ONE}")
-    checkpoint = read_checkpoint(path)
     if checkpoint.get("latent_scale") is None:
         raise ValueError(f"{ckpt_path} has no latent_scale (the autoencoder's run saved it before its first "
                          "validation, or had val_fraction=0): validate it once, e.g. resume it for a few steps")
     autoencoder = instantiate(cfg.network)
     prefix = "network."
-    autoencoder.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
-                                 if k.startswith(prefix)})
+    load_state(autoencoder, {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)},
+               "first_stage.ckpt_path", path)
     return FirstStage(autoencoder, checkpoint["latent_scale"])
 
 

@@ -6,6 +6,7 @@ rank 0 gathers them and computes the metrics once; the samples depend on (seed, 
 """
 
 import hashlib
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -22,9 +23,9 @@ from .metrics.extractors import METRICS, extract_features, load_extractor, resol
 from .metrics.fidelity import fidelity_metrics, protocol_record, save_metrics_json, summarize_seed_sets
 from .metrics.images import fidelity_images, image_folder
 from .metrics.reference import data_key, data_split, reference_statistics
-from .metrics.sharding import gather_shards, generate_shard
-from .progress import progress_bar
-from .sampling import output_stem, sampling_choice, use_transforms
+from .metrics.sharding import gather_shards, generate_shard, shard_rounds
+from .progress import sampling_bar
+from .sampling import output_stem, sampler_label, sampling_choice, use_transforms
 
 SPLITS = ("train", "val")
 # image size of torch-fidelity's registered data sets, so a cached key is found without the data on disk
@@ -57,9 +58,6 @@ def check_config(cfg: DictConfig) -> None:
     if source and source not in DATASETS_REGISTRY and not Path(source).is_dir():
         raise ValueError(f"reference.source={source!r} is neither a torch-fidelity data set "
                          f"({sorted(DATASETS_REGISTRY)}) nor an image folder; null uses the data config")
-    if "kid" in cfg.metrics and cfg.ckpt_path and cfg.fidelity.kid_subset_size > cfg.num_samples:
-        raise ValueError(f"fidelity.kid_subset_size={cfg.fidelity.kid_subset_size} > num_samples={cfg.num_samples}; "
-                         f"lower it or draw more samples")
     if cfg.likelihood.enabled:
         if not cfg.ckpt_path:
             raise ValueError("likelihood.enabled=true needs a checkpoint (ckpt_path=...)")
@@ -92,6 +90,23 @@ def reference_source(cfg: DictConfig, data_cfg):
     first = image_folder(source)[0]
     name = f"{Path(source).name}-{hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]}"
     return name, split, tuple(first.shape[1:]), load_dataset
+
+
+def fidelity_options(cfg: DictConfig, num_samples: int, reference_samples: int) -> dict:
+    """torch-fidelity's options of the config, KID's subset size at most the samples and the reference (warned).
+
+    KID (Binkowski et al. 2018) averages an unbiased MMD^2 over random subsets; a subset of all n < kid_subset_size
+    samples is the same estimator with more variance, so a small evaluation clamps the subset instead of failing.
+    The size used is what the protocol records. Without KID in `metrics` the option is left as it is.
+    """
+    options = OmegaConf.to_container(cfg.fidelity, resolve=True)
+    size = min(num_samples, reference_samples)
+    if "kid" in cfg.metrics and options["kid_subset_size"] > size:
+        logging.getLogger(__name__).warning(
+            f"fidelity.kid_subset_size={options['kid_subset_size']} > {num_samples} samples / {reference_samples} "
+            f"reference images: KID uses subsets of {size} (recorded in the protocol's metric_options)")
+        options["kid_subset_size"] = size
+    return options
 
 
 def checkpoint_has_ema(ckpt_path) -> bool:
@@ -132,6 +147,9 @@ class Evaluation:
                            "num_samples": self.reference.num_samples if self.reference else None,
                            "statistics": str(self.reference.path) if self.reference and self.reference.path else None}
         self.options = OmegaConf.to_container(cfg.fidelity, resolve=True)
+        if self.reference is not None and (cfg.ckpt_path or cfg.images):
+            n = cfg.num_samples if cfg.ckpt_path else len(image_folder(cfg.images))
+            self.options = fidelity_options(cfg, n, self.reference.num_samples)
 
     def score(self, images) -> dict:
         """torch-fidelity's metrics of images (uint8 tensor, folder data set) against the reference (rank 0)."""
@@ -175,10 +193,12 @@ def evaluate_checkpoint(ev: Evaluation) -> dict:
     transforms = {"transforms": use_transforms(model, cfg, run_cfg)}
     transforms = transforms if transforms["transforms"] else {}  # none: the names and records of before
     per_seed, nfe = [], None
+    batches = sum(chunk is not None for chunk in shard_rounds(cfg.num_samples, cfg.batch_size, ev.rank, ev.world))
     for seed in cfg.seeds:
-        with progress_bar(cfg.num_samples, f"sampling, seed set {seed}", cfg.progress, "sample") as bar:
+        with sampling_bar(model, batches, f"sampling {cfg.num_samples}, seed set {seed}", cfg.progress, sampler,
+                          grid) as bar:
             index, x, nfe = generate_shard(model, cfg.num_samples, seed, cfg.batch_size, ev.rank, ev.world, sampler,
-                                           grid, cfg.guidance_scale, bar.update)
+                                           grid, cfg.guidance_scale, on_call=lambda _: bar.update())
         # uint8 RGB is all the extractors read: 4x less to gather than float32
         images = gather_shards(index, fidelity_images(x), ev.all_gather, cfg.num_samples, cfg.batch_size, ev.world)
         if ev.rank == 0:
@@ -197,7 +217,8 @@ def evaluate_checkpoint(ev: Evaluation) -> dict:
     guidance = model.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     protocol = protocol_record(
         ev.extractor, cfg.num_samples, ev.ref_record, cfg.seeds, sampler=OmegaConf.to_container(sampler_cfg),
-        grid=OmegaConf.to_container(grid_cfg), nfe=nfe, guidance_scale=guidance if model.num_classes else None,
+        grid=OmegaConf.to_container(grid_cfg), sampler_label=sampler_label(sampler_cfg, grid_cfg), nfe=nfe,
+        guidance_scale=guidance if model.num_classes else None,
         ema=checkpoint_has_ema(cfg.ckpt_path), options=ev.options, checkpoint=str(Path(cfg.ckpt_path).resolve()),
         checkpoint_sha256=sha256_file(cfg.ckpt_path), labels="0..C-1 cycled" if model.num_classes else None,
         batch_size=cfg.batch_size, world_size=ev.world, chunk_seeding="chunk k of seed s: SeedSequence([s, k])",

@@ -6,6 +6,7 @@ The search is `core.samplers.optimize.optimize_times`: the model's (guided) deno
 many-step Heun solve of the same PF-ODE from them as the reference, and the grid moved to land nearest it.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..core.processes import Process
-from ..core.samplers import count_nfe, heun, karras_times, pf_ode, steps_for_nfe
+from ..core.samplers import CountingDenoiser, count_nfe, heun, karras_times, pf_ode, steps_for_nfe
 from ..core.samplers.optimize import optimize_times
 from .artifacts import atomic_write, sha256_file
 from .checkpoints import find_run_config, load_model
 from .metrics.sharding import class_labels
+from .progress import progress_bar
 
 
 def grid_path(ckpt_path, name: str) -> Path:
@@ -55,7 +57,7 @@ def optimized_times(process: Process, steps: int | None = None, *, name: str, ck
 def optimize_checkpoint_grid(ckpt_path: str, sampler_name: str, sampler_cfg: DictConfig, grid_cfg: DictConfig,
                              nfe: int, n: int = 256, seed: int = 0, iterations: int = 100,
                              reference_steps: int = 128, guidance_scale: float | None = None,
-                             device: str = "cpu") -> tuple[Path, dict]:
+                             device: str = "cpu", progress: bool = True) -> tuple[Path, dict]:
     """Search the grid of `sampler_cfg` at the most steps within `nfe` for the checkpoint's model and save it.
 
     Candidates: the sampler's own grid (`grid_cfg`) and EDM's rho-grid with rho = 3, 5, 7 at those steps. Class-
@@ -71,11 +73,17 @@ def optimize_checkpoint_grid(ckpt_path: str, sampler_name: str, sampler_cfg: Dic
     candidates = [grid(process, steps=steps)] + [karras_times(process, steps, rho=rho) for rho in (3.0, 5.0, 7.0)]
     candidates = [c for c in candidates if len(c) == steps + 1]
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        denoiser = model.guided_denoiser(class_labels(n, model.num_classes, model.device), guidance_scale)
+    reference_grid = karras_times(process, reference_steps)
+    # the bar counts network evaluations: the reference solve, then a sampler run per candidate and per iteration
+    total = (count_nfe(functools.partial(pf_ode, solver=heun), lambda p: reference_grid, process)
+             + (len(candidates) + iterations) * count_nfe(sampler, lambda p: candidates[0], process))
+    with torch.no_grad(), progress_bar(total, f"optimising the {sampler_name} grid for nfe={nfe}", progress,
+                                       "NFE") as bar:
+        guided = model.guided_denoiser(class_labels(n, model.num_classes, model.device), guidance_scale)
+        denoiser = CountingDenoiser(guided, lambda _: bar.update())
         x = process.prior_std() * torch.randn((n, *model.sample_shape), generator=generator,
                                               dtype=torch.float64).to(device)
-        reference = pf_ode(denoiser, process, x, karras_times(process, reference_steps), solver=heun)
+        reference = pf_ode(denoiser, process, x, reference_grid, solver=heun)
         times, info = optimize_times(sampler, denoiser, process, x, reference, candidates, iterations)
     record = {"sampler": sampler_name, "nfe": nfe, "steps": steps, "times": times.tolist(),
               "nfe_used": count_nfe(sampler, lambda p: times, process), "checkpoint": str(Path(ckpt_path).resolve()),

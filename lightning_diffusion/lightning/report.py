@@ -2,14 +2,17 @@
 
 Every run directory under RUNS (its config.yaml, CSV log and metrics.json) is one record, and every evaluation JSON
 in it (`evaluate`'s {metrics, protocol}) one more, with the protocol's fields as `protocol.*` keys (e.g.
-`protocol.sampler.name`, `protocol.nfe`). Records are grouped by the row and column keys (dotted config paths;
+`protocol.sampler_label`, `protocol.nfe`, `protocol.num_samples`). Records are grouped by the row and column keys (dotted config paths;
 `_target_` values shortened to their last name) and the metric is reported as mean ± std over each group (the
-seeds). An experiment config's `paper.<metric>` (conf/experiment/) becomes a "paper" column beside ours.
+seeds): a key no result has is refused, and so is a group whose results differ in anything but their seeds (sampler,
+number of samples, training steps, ...), so that different protocols are never averaged as if they were seeds. An experiment config's `paper.<metric>`
+(conf/experiment/) becomes a "paper" column beside ours.
 Writes <out>/<name>.md, .csv, .tex and .png (the metric per row, one series per column, error bars = std), and
 with --wandb PROJECT logs the table and the plot as a W&B run.
 """
 
 import csv
+import difflib
 import io
 import statistics
 from pathlib import Path
@@ -28,20 +31,70 @@ def label(record_keys: dict, keys: list[str]) -> str:
     return ", ".join(short(k) for k in keys)
 
 
-def summarize(records: list[dict], rows: list[str], cols: list[str], metric: str) -> dict:
-    """{(row label, column label): values of `metric`}, plus a 'paper' column from `paper.<metric>`."""
-    cells: dict[tuple[str, str], list[float]] = {}
-    for record in records:
-        keys, metrics = record["keys"], record["metrics"]
-        if metric not in metrics:
+# what may differ between the results one cell averages: the seeds, and what names one run (its checkpoint, folder)
+SEED_KEYS = ("seed", "protocol.seeds", "protocol.aggregate")
+RUN_KEYS = ("run_dir", "protocol.checkpoint", "protocol.checkpoint_sha256")
+
+
+def check_keys(records: list[dict], keys: list[str]) -> None:
+    """Refuse a row or column key that none of the results has, naming it and the keys they do have."""
+    have = sorted({k for r in records for k in r["keys"]})
+    for key in keys:
+        if key in have:
             continue
-        row = label(keys, rows)
-        cells.setdefault((row, label(keys, cols) if cols else metric), []).append(float(metrics[metric]))
-        if keys.get(f"paper.{metric}") is not None:
-            cells[(row, "paper")] = [float(keys[f"paper.{metric}"])]
-    if not cells:
+        head = key.split(".", 1)[0] + "."
+        near = difflib.get_close_matches(key, have, n=5, cutoff=0.6)
+        related = [k for k in have if k.startswith(head)] if "." in key else []
+        varying = [k for k in have if len({repr(r["keys"].get(k)) for r in records}) > 1]
+        shown = near or related or varying
+        raise ValueError(f"no result has the key {key!r}: " + (
+            f"keys they have that are close: {shown[:40]}" if shown else f"their keys: {have[:40]}")
+            + (f" ({len(have)} in all)" if len(have) > 40 else ""))
+
+
+def protocol_of(record: dict) -> dict:
+    """The record's keys that must agree for it to pool with others: all but its seeds and the names of its run."""
+    run_dir = str(record["run_dir"])
+    return {k: v for k, v in record["keys"].items()
+            if k not in SEED_KEYS and k not in RUN_KEYS and not (isinstance(v, str) and run_dir in v)}
+
+
+def check_one_protocol(cell: tuple[str, str], group: list[dict]) -> None:
+    """A cell averages seeds of one protocol: results differing in anything else are refused, naming the keys."""
+    first = protocol_of(group[0])
+    for record in group[1:]:
+        other = protocol_of(record)
+        differ = sorted(k for k in first.keys() | other.keys() if first.get(k, "<absent>") != other.get(k, "<absent>"))
+        if differ:
+            shown = ", ".join(f"{k}: {first.get(k, '<absent>')!r} vs {other.get(k, '<absent>')!r}" for k in differ[:6])
+            raise ValueError(f"the cell {cell} would average results of different protocols ({group[0]['run_dir']} "
+                             f"and {record['run_dir']} differ in {shown}{' ...' if len(differ) > 6 else ''}): "
+                             f"only seeds are averaged; add the keys that differ to --rows or --cols, or give "
+                             f"fewer runs")
+
+
+def summarize(records: list[dict], rows: list[str], cols: list[str], metric: str) -> dict:
+    """{(row label, column label): values of `metric`}, plus a 'paper' column from `paper.<metric>`.
+
+    Each cell is the mean over seeds of one protocol: a key no result has, or a cell that would pool results differing
+    in anything but their seeds (sampler, samples, steps, ...) is refused.
+    """
+    scored = [r for r in records if metric in r["metrics"]]
+    if not scored:
         found = sorted({k for r in records for k in r["metrics"]})
         raise ValueError(f"none of the {len(records)} records has the metric {metric!r}; metrics found: {found}")
+    check_keys(scored, [*rows, *cols])
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in scored:
+        groups.setdefault((label(record["keys"], rows), label(record["keys"], cols) if cols else metric),
+                          []).append(record)
+    cells: dict[tuple[str, str], list[float]] = {}
+    for cell, group in groups.items():
+        check_one_protocol(cell, group)
+        cells[cell] = [float(r["metrics"][metric]) for r in group]
+        paper = group[0]["keys"].get(f"paper.{metric}")
+        if paper is not None:
+            cells[(cell[0], "paper")] = [float(paper)]
     return cells
 
 
@@ -156,14 +209,47 @@ def log_to_wandb(project: str, cells: dict, corner: str, name: str, png: Path) -
     run.finish()
 
 
+def metric_legend(metric: str) -> str:
+    """What a metric's name means, for the line under a table: FID / KID / IS in Inception's features, or the same
+    formulas in another extractor's (`fd_`, `kd_`, `cs_`, lightning.metrics.fidelity), and why KID can be < 0."""
+    name = metric.split("/")[-1]
+    for suffix in ("_mean", "_std", "_min", "_max"):
+        name = name.removesuffix(suffix)
+    kid = ("an unbiased estimate of the squared MMD (cubic polynomial kernel) averaged over subsets, Binkowski et "
+           "al. 2018: the true value is >= 0, but being unbiased the estimate is slightly negative when the two sets "
+           "are close (a value within a few kid_std of 0 is 'indistinguishable')")
+    if name == "fid":
+        return "fid: Frechet Inception Distance (Inception-v3 pool features, lower is better)."
+    if name == "kid":
+        return f"kid: Kernel Inception Distance, {kid}."
+    if name == "is":
+        return "is: Inception Score (higher is better)."
+    for prefix, what in (("fd_", "Frechet distance (FID's formula, lower is better)"),
+                         ("kd_", f"kernel distance (KID's formula: {kid})"),
+                         ("cs_", "classifier score (the Inception Score's formula, higher is better)")):
+        if name.startswith(prefix):
+            return (f"{name}: {what} in the features of the `{name[len(prefix):]}` extractor, not Inception's: not "
+                    f"comparable with FID / KID / IS numbers of papers.")
+    return ""
+
+
+def table_name(rows: list[str], cols: list[str], metric: str) -> str:
+    """The default file stem of a table, from what it shows: `<metric>-by-<rows>[-x-<cols>]` (`_target_` dropped,
+    `/` as `_`), so tables of one metric by other keys never overwrite each other."""
+    def keys(dotted):
+        return "+".join(k.removesuffix("._target_") for k in dotted)
+    return f"{metric.replace('/', '_')}-by-{keys(rows)}" + (f"-x-{keys(cols)}" if cols else "")
+
+
 def make_tables(roots, rows: list[str], cols: list[str], metric: str, out: Path, name: str,
                 wandb_project: str | None = None) -> str:
     """Write <out>/<name>.{md,csv,tex,png} (and log them to W&B if a project is given); returns the Markdown."""
     records = collect(roots)
     cells = summarize(records, rows, cols, metric)
     corner = ", ".join(k.removesuffix("._target_").rsplit(".", 1)[-1] for k in rows) or "run"
+    legend = metric_legend(metric)
     for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
-        text = render(cells, corner, fmt)
+        text = render(cells, corner, fmt) + (f"\n{legend}\n" if legend and fmt == "markdown" else "")
         atomic_write(out / f"{name}.{suffix}", lambda tmp, text=text: Path(tmp).write_text(text))
     png = plot(cells, corner, metric, out / f"{name}.png")
     weightings = plot_weightings(records, rows, out / f"{name}_effective_weighting.png")
@@ -171,4 +257,4 @@ def make_tables(roots, rows: list[str], cols: list[str], metric: str, out: Path,
         print(f"wrote {weightings}: the effective weightings of the rows, overlaid")
     if wandb_project:
         log_to_wandb(wandb_project, cells, corner, name, png)
-    return render(cells, corner, "markdown")
+    return render(cells, corner, "markdown") + (f"\n{legend}\n" if legend else "")

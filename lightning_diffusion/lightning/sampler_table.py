@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from .artifacts import atomic_write
 from .checkpoints import find_run_config
 from .evaluation import Evaluation, check_config, evaluate_checkpoint
-from .report import render
+from .report import metric_legend, render
 from .sampling import sampler_label
 
 CORNER = "sampler \\ NFE"
@@ -91,7 +91,7 @@ def sampler_table(cfg: DictConfig, choices: list[dict]) -> dict:
     cells = table_cells(results, cfg.table.metric)
     out = Path(cfg.table.out_dir) if cfg.table.get("out_dir") else find_run_config(cfg.ckpt_path).parent / "tables"
     note = (f"{cfg.table.metric}, mean ± std over seed sets {list(cfg.seeds)}, {cfg.num_samples} samples each; "
-            f"NFE as measured. {cfg.table.get('source') or ''}").strip()
+            f"NFE as measured. {cfg.table.get('source') or ''} {metric_legend(cfg.table.metric)}").strip()
     markdown = write_table(cells, out, cfg.table.name, note)
     print(markdown)
     print(f"wrote {out / cfg.table.name}.md, .csv, .tex; the evaluations: {[r['path'] for r in results]}")

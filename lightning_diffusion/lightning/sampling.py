@@ -3,13 +3,14 @@ says what drew them (`sample` and `evaluate` name their outputs with the same he
 
 import hashlib
 import json
+import math
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .metrics.sharding import class_labels
-from .progress import progress_bar
+from .progress import sampling_bar
 
 
 def best_device(device: str = "auto") -> str:
@@ -79,11 +80,11 @@ def draw(model, n: int, batch_size: int, seed: int, sampler=None, grid=None, gui
     generator = torch.Generator().manual_seed(seed)
     labels = class_labels(n, model.num_classes, model.device)
     chunks, nfe = [], 0
-    with progress_bar(n, "sampling", progress, "sample") as bar:
+    with sampling_bar(model, math.ceil(n / batch_size), f"sampling {n}", progress, sampler, grid) as bar:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             chunk_labels = labels[start:stop] if labels is not None else None
-            x, nfe = model.generate(stop - start, chunk_labels, guidance_scale, sampler, grid, generator)
+            x, nfe = model.generate(stop - start, chunk_labels, guidance_scale, sampler, grid, generator,
+                                    on_call=lambda _: bar.update())
             chunks.append(x.cpu())
-            bar.update(stop - start)
     return torch.cat(chunks), labels, nfe

@@ -64,7 +64,8 @@ RANGES: dict[str, tuple[Callable, str]] = {  # dotted key (fnmatch pattern) -> (
     "callbacks.final_samples.n_unconditional": _int_in(1, 50_000, " (the papers' 50k for FID; evaluate draws more)"),
     "data.num_workers": _int_in(0, WORKERS_PER_CPU * CPUS, f" ({WORKERS_PER_CPU} x the {CPUS} CPUs this process has)"),
 }
-TOP_LEVEL = {"seed": int, "conditional": bool, "guidance_scale": float | None, "ckpt_path": str | None}
+TOP_LEVEL = {"seed": int, "conditional": bool, "guidance_scale": float | None, "ckpt_path": str | None,
+             "init_from": str | None}
 
 
 def check(cfg: DictConfig, parts: Sequence[str]) -> None:

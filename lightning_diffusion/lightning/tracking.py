@@ -28,9 +28,18 @@ def wandb_offline() -> bool:
     return not (wandb_credentials_present() and reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), 2.0))
 
 
+def run_name(model: str, data: str, first_stage: str | None = None) -> str:
+    """A run's default name, `<model>-<data>`, and `<model>-<data>-<first stage>` for latent diffusion, so latent
+    runs get runs/<name>/ (and its `latest`) of their own instead of sharing the pixel runs'."""
+    return f"{model}-{data}" + (f"-{first_stage}" if first_stage not in (None, "null") else "")
+
+
 def register_resolvers() -> None:
     """`${wandb_offline:}` decides W&B's mode when the config is resolved; `${wandb_run_id:<run_dir>}` is the run
-    directory's W&B run id (loggers.run_id), so a resumed run continues its W&B run."""
+    directory's W&B run id (loggers.run_id), so a resumed run continues its W&B run; `${run_name:model,data,first
+    stage}` names a run (`run_name`)."""
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline, use_cache=True)
     if not OmegaConf.has_resolver("wandb_run_id"):

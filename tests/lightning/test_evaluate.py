@@ -1,6 +1,7 @@
 """The evaluate entry point and the in-training metrics callback on tiny digits runs (offline: digits-cnn)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch_fidelity
 from helpers import FAST, compose_config, entry_point_env
 from lightning_diffusion.lightning.checkpoints import save_run_config
 from lightning_diffusion.lightning.data import DigitsDataModule
-from lightning_diffusion.lightning.evaluation import evaluate
+from lightning_diffusion.lightning.evaluation import evaluate, fidelity_options
 from lightning_diffusion.lightning.artifacts import sha256_file
 from lightning_diffusion.lightning.builder import build
 from lightning_diffusion.train import train
@@ -94,6 +95,22 @@ def test_evaluate_checkpoint_writes_metrics_with_protocol(ddpm_run, tmp_path):
     assert recorded[0]["_target_"].endswith("clip_x0") and clipped["path"] != again["path"]
     logged = pd.read_csv(next((ddpm_run / "csv_evaluate").glob("version_*/metrics.csv")))
     assert f"eval/{FD}" in logged.columns
+
+
+def test_fewer_samples_than_kid_subset_size_clamp_the_subset_with_a_warning(ddpm_run, tmp_path, caplog):
+    """Issue 23, item 14: num_samples < 1000 failed on the default kid_subset_size=1000; now KID's subsets are
+    clamped to the samples, warned and recorded in the protocol, and without KID the option is not looked at."""
+    ckpt = ddpm_run / "checkpoints" / "last.ckpt"
+    overrides = [o for o in eval_overrides(ckpt, tmp_path) if not o.startswith("fidelity.")]
+    cfg = compose_config(overrides + ["num_samples=30", "batch_size=15"], config_name="evaluate")
+    assert cfg.fidelity.kid_subset_size == 1000 and "kid" in cfg.metrics
+    with caplog.at_level("WARNING"):
+        result = evaluate(cfg)
+    assert "fidelity.kid_subset_size=1000 > 30 samples / 1617 reference images: KID uses subsets of 30" in caplog.text
+    assert result["protocol"]["metric_options"]["kid_subset_size"] == 30
+    assert math.isfinite(result["metrics"]["kd_digits-cnn_mean"])
+    without = compose_config(overrides + ["num_samples=30", "metrics=[fid]"], config_name="evaluate")
+    assert fidelity_options(without, 30, 1617)["kid_subset_size"] == 1000
 
 
 def test_evaluate_image_folder_equals_torch_fidelity(tmp_path):

@@ -175,6 +175,13 @@ def test_every_family_builds_on_the_latents(family, autoencoder_ckpt, tmp_path):
     assert not any(id(p) in params for p in model.first_stage.parameters())
 
 
+def test_latent_runs_have_a_run_dir_name_of_their_own():
+    """Issue 23, item 19: latent runs landed in runs/edm-digits/ (and its `latest`) like the pixel runs."""
+    assert compose_config(["model=edm"]).name == "edm-digits"
+    assert compose_config(["model=edm", "first_stage=autoencoder", "first_stage.ckpt_path=x"]).name == \
+        "edm-digits-autoencoder"
+
+
 def test_latent_edm_uses_unit_sigma_data(autoencoder_ckpt, tmp_path):
     cfg = compose_config(["model=edm", "first_stage=autoencoder", f"first_stage.ckpt_path={autoencoder_ckpt}"],
                          tmp_path)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from helpers import compose_config
@@ -174,6 +175,24 @@ def test_a_hub_id_offline_fails_fast_naming_the_local_folder(tmp_path, monkeypat
     with pytest.raises(ConnectionError, match=r"offline.*source=/path/to/folder"):
         imported("google/ddpm-cifar10-32", tmp_path / "run", *TINY_NETWORK)
     assert time.perf_counter() - start < 20 and no_checkpoint_written(tmp_path / "run")
+
+
+def test_import_needs_no_training_data(tmp_path, monkeypatch):
+    """Issue 23, item 13: importing google/ddpm-cifar10-32 demanded CIFAR-10 itself (refused offline) though it only
+    converts weights; the data's shape and labels come from the published config, and the run's config records the
+    published data set, not a placeholder folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: CIFAR-10 is not here
+    source = save_unet(tmp_path / "src", TINY)
+    cfg = compose_config(["published=ddpm_cifar10", f"source={source}", *TINY_NETWORK], tmp_path / "run",
+                         config_name="import_model")
+    ckpt = import_model(cfg)
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert saved.data.name == "uoft-cs/cifar10" and saved.data.path is None
+    assert list(saved.data_meta.shape) == [3, 32, 32] and saved.data_meta.num_classes == 0
+    model, _ = load_model(ckpt)
+    theirs = diffusers.UNet2DModel.from_pretrained(source).eval()
+    assert torch.equal(model.denoiser.network.model.conv_in.weight, theirs.conv_in.weight)
 
 
 def test_a_folder_without_weights_is_refused(tmp_path):

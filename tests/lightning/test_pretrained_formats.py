@@ -13,9 +13,9 @@ import torch
 from helpers import compose_config
 from lightning_diffusion.core.denoiser import Denoiser
 from lightning_diffusion.lightning.builder import build
-from lightning_diffusion.lightning.checkpoints import load_model
+from lightning_diffusion.lightning.checkpoints import init_from, load_model
 from lightning_diffusion.lightning.convert.edm import FORMAT
-from lightning_diffusion.lightning.convert.imported import import_model, load_weights
+from lightning_diffusion.lightning.convert.imported import import_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,11 +81,13 @@ def test_the_raw_weights_and_training_from_an_import(tmp_path):
     model, _ = load_model(ckpt)
     for (name, p), q in zip(model.denoiser.network.state_dict().items(), network.state_dict().values()):
         assert torch.equal(p, q), name
-    _, fresh, _ = build(compose_config(SCORE_SDE, tmp_path / "fresh"))
-    load_weights(fresh, ckpt)  # what train's init_from does before fitting
+    cfg = compose_config([*SCORE_SDE, f"init_from={tmp_path / 'run'}"], tmp_path / "fresh")
+    _, fresh, _ = build(cfg)
+    init_from(fresh, cfg)  # what train does before fitting
     assert torch.equal(fresh.denoiser.network.conv_in.weight, network.conv_in.weight)
+    cfg.init_from = str(tmp_path / "none.ckpt")
     with pytest.raises(FileNotFoundError, match="init_from=.*does not exist"):
-        load_weights(fresh, tmp_path / "none.ckpt")
+        init_from(fresh, cfg)
 
 
 def test_bad_score_sde_checkpoints_are_refused_naming_the_file(tmp_path):

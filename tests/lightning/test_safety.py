@@ -25,9 +25,8 @@ from PIL import Image
 
 from helpers import FAST, compose_config, entry_point_env
 from lightning_diffusion.lightning import artifacts
-from lightning_diffusion.lightning.checkpoints import (AtomicCheckpointIO, load_first_stage, load_model,
+from lightning_diffusion.lightning.checkpoints import (AtomicCheckpointIO, init_from, load_first_stage, load_model,
                                                        read_checkpoint, resolve_ckpt_path, run_lock)
-from lightning_diffusion.lightning.convert.imported import load_weights
 from lightning_diffusion.lightning.data import ImageDataModule
 from lightning_diffusion.lightning.data.zip import ZipDataModule
 from lightning_diffusion.lightning.errors import ConfigError
@@ -64,10 +63,10 @@ def test_a_training_checkpoint_reads_weights_only_with_everything_lightning_stor
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("reader", ["load_model", "checkpoint_has_ema", "load_weights", "load_first_stage",
+@pytest.mark.parametrize("reader", ["load_model", "checkpoint_has_ema", "init_from", "load_first_stage",
                                     "resolve_ckpt_path"])
 def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(reader, run_dir, tmp_path):
-    """sample / evaluate (load_model, checkpoint_has_ema), init_from (load_weights), first_stage.ckpt_path and resume:
+    """sample / evaluate (load_model, checkpoint_has_ema), init_from, first_stage.ckpt_path and resume:
     the file is refused naming it, and the code in it never ran."""
     run = tmp_path / "downloaded"
     shutil.copytree(run_dir, run)
@@ -81,7 +80,8 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(reader, r
         cfg.model._target_ = "lightning_diffusion.lightning.models.AutoencoderModel"
         OmegaConf.save(cfg, run / "config.yaml")
     read = {"load_model": load_model, "checkpoint_has_ema": checkpoint_has_ema, "load_first_stage": load_first_stage,
-            "load_weights": lambda path: load_weights(torch.nn.Linear(1, 1), path),
+            "init_from": lambda path: init_from(torch.nn.Linear(1, 1), OmegaConf.merge(OmegaConf.load(run / "config.yaml"),
+                                                                                         {"init_from": str(path)})),
             "resolve_ckpt_path": lambda path: resolve_ckpt_path(str(path), run)}[reader]
     with pytest.raises(ValueError, match=rf"{evil} holds pickled Python objects.*GLOBAL .*open.*refused"):
         read(evil)

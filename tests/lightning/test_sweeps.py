@@ -25,6 +25,7 @@ import yaml
 from helpers import ROOT, compose_config
 from lightning_diffusion.lightning import sweep_runner as S
 from lightning_diffusion.lightning.builder import build
+from lightning_diffusion.lightning.checkpoints import link_latest
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 # what our runs log: Lightning's train/val losses (CSV + W&B) and the FinalSamples metrics (metrics.json + W&B)
@@ -290,3 +291,19 @@ def test_readme_sweep_commands_run_as_written(tmp_path):
     assert (tmp_path / "runs" / "ddpm-digits" / "latest" / "posthoc_ema").is_dir()
     assert list((tmp_path / "runs" / "ddpm-digits" / "latest" / "checkpoints").glob("posthoc_ema-sigma_rel*.ckpt"))
     assert list((tmp_path / "tables").glob("*.md"))
+
+
+def test_latest_points_only_at_full_runs_of_the_default_layout(tmp_path, monkeypatch):
+    """Issue 23, item 17: `debug=fast` re-pointed runs/ddpm-digits/latest (which sweep files read) at a 20-step toy,
+    and `hydra.run.dir=/a/b/x` wrote /a/b/latest."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs" / "ddpm-digits"
+    for name in ("full", "toy"):
+        (runs / name).mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x").mkdir(parents=True)
+    assert link_latest(compose_config([], runs / "full")) == runs / "latest"
+    assert (runs / "latest").resolve() == (runs / "full").resolve()
+    assert link_latest(compose_config(["debug=fast"], runs / "toy")) is None
+    assert (runs / "latest").resolve() == (runs / "full").resolve()
+    assert link_latest(compose_config([], tmp_path / "a" / "b" / "x")) is None
+    assert not (tmp_path / "a" / "b" / "latest").exists()

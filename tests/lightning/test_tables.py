@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import FAST, compose_config
-from lightning_diffusion.lightning.report import make_tables, render, summarize
+from lightning_diffusion.lightning.report import make_tables, metric_legend, render, summarize
 from lightning_diffusion.lightning.runs import collect
 from lightning_diffusion.tables import main
 from lightning_diffusion.train import train
@@ -81,7 +81,8 @@ def test_entry_point_writes_all_formats(runs, tmp_path, capsys):
     main([str(runs), "--rows", *ROWS, "--cols", *COLS, "--metric", "final/classifier_accuracy",
           "--out", str(tmp_path / "out")])
     for suffix in ("md", "csv", "tex", "png"):
-        assert (tmp_path / "out" / f"final_classifier_accuracy.{suffix}").stat().st_size > 0
+        path = tmp_path / "out" / f"final_classifier_accuracy-by-model.weighting-x-model.process.schedule.{suffix}"
+        assert path.stat().st_size > 0
     assert "| min_snr |" in capsys.readouterr().out
 
 
@@ -104,3 +105,69 @@ def test_a_real_run_is_collected(tmp_path):
     (record,) = collect([tmp_path])
     assert record["keys"]["model.weighting._target_"] == "lightning_diffusion.core.weightings.l_simple"
     assert 0.0 <= record["metrics"]["final/classifier_accuracy"] <= 1.0 and "train/loss" in record["metrics"]
+
+
+def fake_evaluation(run_dir, name, fid, seeds=(0,), **protocol):
+    (run_dir / f"{name}.json").write_text(json.dumps({"metrics": {"fid": fid}, "protocol": {
+        "nfe": 10, "num_samples": 500, "seeds": list(seeds), "sampler_label": "heun-karras",
+        "sampler": {"_target_": "lightning_diffusion.core.samplers.pf_ode", "solver": {"_target_": "heun"}},
+        **protocol}}))
+
+
+def test_a_key_no_result_has_is_refused_naming_the_keys_they_have(tmp_path):
+    """Issue 23, item 12: `--cols protocol.sampler.name` (no result file has it) put every sampler in one column."""
+    fake_run(tmp_path / "r0", "l_simple", "linear_betas", 0, 0.9)
+    fake_evaluation(tmp_path / "r0", "heun", 30.0)
+    fake_evaluation(tmp_path / "r0", "ddim", 40.0, sampler_label="ddim-uniform",
+                    sampler={"_target_": "lightning_diffusion.core.samplers.ddim"})
+    with pytest.raises(ValueError, match=r"no result has the key 'protocol.sampler.name'.*'protocol.sampler._target_'"):
+        summarize(collect([tmp_path]), ["protocol.nfe"], ["protocol.sampler.name"], "fid")
+    cells = summarize(collect([tmp_path]), ["protocol.nfe"], ["protocol.sampler_label"], "fid")
+    assert cells == {("10", "heun-karras"): [30.0], ("10", "ddim-uniform"): [40.0]}
+
+
+def test_only_seeds_of_one_protocol_are_averaged(tmp_path):
+    """Issue 23, item 12: results with 500 and 200 samples (or two samplers) were averaged as if they were seeds."""
+    fake_run(tmp_path / "r0", "l_simple", "linear_betas", 0, 0.9)
+    fake_evaluation(tmp_path / "r0", "a", 30.0, seeds=[0])
+    fake_evaluation(tmp_path / "r0", "b", 32.0, seeds=[1])  # another seed set of the same protocol: pooled
+    fake_run(tmp_path / "r1", "l_simple", "linear_betas", 1, 0.9)  # another training seed: pooled too
+    fake_evaluation(tmp_path / "r1", "a", 34.0, seeds=[0])
+    assert summarize(collect([tmp_path]), ["protocol.nfe"], [], "fid") == {("10", "fid"): [30.0, 32.0, 34.0]}
+    fake_evaluation(tmp_path / "r1", "c", 60.0, num_samples=200)
+    with pytest.raises(ValueError, match=r"different protocols.*protocol.num_samples: 500 vs 200.*--rows or --cols"):
+        summarize(collect([tmp_path]), ["protocol.nfe"], [], "fid")
+    cells = summarize(collect([tmp_path]), ["protocol.nfe"], ["protocol.num_samples"], "fid")
+    assert cells == {("10", "500"): [30.0, 32.0, 34.0], ("10", "200"): [60.0]}
+
+
+def test_runs_trained_otherwise_are_not_pooled(tmp_path):
+    """Issue 23, item 12: training runs that differ in more than the seed (here the steps) are not one protocol."""
+    fake_run(tmp_path / "r0", "l_simple", "linear_betas", 0, 0.9)
+    fake_run(tmp_path / "r1", "l_simple", "linear_betas", 1, 0.8)
+    cfg = OmegaConf.load(tmp_path / "r1" / "config.yaml")
+    cfg.trainer = {"max_steps": 300}
+    OmegaConf.save(cfg, tmp_path / "r1" / "config.yaml")
+    with pytest.raises(ValueError, match=r"trainer.max_steps: '<absent>' vs 300"):
+        summarize(collect([tmp_path]), ROWS, [], "final/classifier_accuracy")
+
+
+def test_tables_of_one_metric_by_other_keys_do_not_overwrite_each_other(runs, tmp_path):
+    """Issue 23, item 19: every table of a metric was <out>/<metric>.*, so the next one overwrote it."""
+    for rows, cols in ((ROWS, COLS), (COLS, ROWS)):
+        main([str(runs), "--rows", *rows, "--cols", *cols, "--metric", "final/classifier_accuracy",
+              "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.md")) == [
+        "final_classifier_accuracy-by-model.process.schedule-x-model.weighting.md",
+        "final_classifier_accuracy-by-model.weighting-x-model.process.schedule.md"]
+
+
+def test_the_table_says_what_kd_cs_and_fd_mean_and_why_kid_can_be_negative(tmp_path):
+    """Issue 23, item 19: KID came out negative (-1.09) with no word on why, nor on the `kd_` / `cs_` names."""
+    fake_run(tmp_path / "r0", "l_simple", "linear_betas", 0, 0.9)
+    (tmp_path / "r0" / "e.json").write_text(json.dumps({"metrics": {"kd_digits-cnn_mean": -1.09}, "protocol": {"nfe": 4}}))
+    markdown = make_tables([tmp_path], ["protocol.nfe"], [], "kd_digits-cnn_mean", tmp_path / "out", "t")
+    assert "kd_digits-cnn: kernel distance (KID's formula" in markdown and "slightly negative" in markdown
+    assert "not Inception's" in (tmp_path / "out" / "t.md").read_text()
+    assert "classifier score" in metric_legend("cs_digits-cnn_mean") and "Frechet" in metric_legend("fd_digits-cnn")
+    assert metric_legend("final/classifier_accuracy") == ""

@@ -3,9 +3,10 @@
 from .checkpoint import ModelCheckpoint
 from .ema import EMA, PostHocEMA
 from .periodic import FidelityMetrics, ValidationLikelihood
-from .samples import FinalSamples, ReconstructionGrid, SampleGrid
+from .samples import FinalReconstructions, FinalSamples, ReconstructionGrid, SampleGrid
 from .signals import CheckpointOnSignal, MarkPreempting
 from .weighting_plot import EffectiveWeightingPlot
 
-__all__ = ["CheckpointOnSignal", "EMA", "EffectiveWeightingPlot", "FidelityMetrics", "FinalSamples", "MarkPreempting",
-           "ModelCheckpoint", "PostHocEMA", "ReconstructionGrid", "SampleGrid", "ValidationLikelihood"]
+__all__ = ["CheckpointOnSignal", "EMA", "EffectiveWeightingPlot", "FidelityMetrics", "FinalReconstructions",
+           "FinalSamples", "MarkPreempting", "ModelCheckpoint", "PostHocEMA", "ReconstructionGrid", "SampleGrid",
+           "ValidationLikelihood"]

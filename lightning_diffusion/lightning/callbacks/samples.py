@@ -1,6 +1,7 @@
 """Callbacks that draw images: sample grids during validation, the final samples (checked by a real-data classifier),
 and an autoencoder's reconstructions."""
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,7 @@ from ..metrics.classifier import fit_classifier, label_accuracy
 from ..models import AutoencoderModel, DiffusionModel
 from .base import ForModel
 from ..metrics.sharding import class_labels
+from ..progress import sampling_bar
 from .signals import Preempted, abandon_if_signalled, signal_callback, signals_watched
 
 
@@ -85,11 +87,16 @@ class FinalSamples(ForModel):
         n = self.n_per_class * num_classes if num_classes else self.n_unconditional
         labels = class_labels(n, num_classes, pl_module.device)
         pl_module.eval()
+        shown = trainer.progress_bar_callback is not None  # minutes of sampling on a CPU: say how far it is
         rank_zero_info(f"final samples: drawing {n}")
         try:
-            with signals_watched(trainer):
+            with signals_watched(trainer), sampling_bar(pl_module, 1, f"final samples ({n})", shown) as bar:
+                def on_call(nfe):
+                    abandon_if_signalled(trainer)
+                    bar.update()
+
                 x, nfe = pl_module.generate(n, labels, generator=torch.Generator().manual_seed(self.seed),
-                                            on_call=lambda nfe: abandon_if_signalled(trainer))
+                                            on_call=on_call)
         except Preempted:  # last.ckpt holds the last step already: requeue (the rerun draws these samples), exit
             signal_callback(trainer).stop_after_fit(trainer)
         run_dir = Path(trainer.default_root_dir)
@@ -107,3 +114,33 @@ class FinalSamples(ForModel):
         save_json(run_dir / "metrics.json", self.metrics)
         rank_zero_info("final samples: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                       for k, v in self.metrics.items()))
+
+
+class FinalReconstructions(ForModel):
+    """When an autoencoder's fitting ends (EMA weights in place): its reconstruction error on the whole validation
+    split, `final/mse` and `final/psnr` (10 log10(range^2 / MSE), data in [-1, 1], the MSE pooled over every pixel as
+    torchmetrics' PSNR pools it), logged, printed and written to `metrics.json` like the diffusion run's."""
+
+    model_type = AutoencoderModel
+
+    def __init__(self):
+        self.metrics: dict = {}
+
+    @torch.no_grad()
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        pl_module.eval()
+        squared, pixels, images = 0.0, 0, 0
+        for x, _ in trainer.datamodule.val_dataloader():
+            x = x.to(pl_module.device)
+            squared += float((pl_module.reconstruct(x) - x).double().square().sum())
+            pixels, images = pixels + x.numel(), images + x.shape[0]
+        if not images:  # val_fraction=0: nothing held out to score
+            return
+        mse = squared / pixels
+        self.metrics = {"final/mse": mse, "final/psnr": 10.0 * math.log10(4.0 / mse), "final/num_images": images}
+        for logger in trainer.loggers:
+            logger.log_metrics(self.metrics, step=trainer.global_step)
+        save_json(Path(trainer.default_root_dir) / "metrics.json", self.metrics)
+        rank_zero_info("final reconstructions: " + ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))

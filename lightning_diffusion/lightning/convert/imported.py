@@ -1,6 +1,6 @@
 """A published model as a regular run of ours: a run directory with the resolved config.yaml and
 checkpoints/imported.ckpt (Lightning's `state_dict` layout), which `sample`, `evaluate` and `tables` read unchanged,
-and from which training can start (`load_weights`).
+and from which training can start (`train init_from=<run dir>`, `lightning.checkpoints.init_from`).
 
 The config is a training config like any other (conf/published/<name>.yaml: the family, network, c_noise and data
 the published model was trained with) plus `source` (where the published model is) and `weights` (a partial
@@ -9,13 +9,12 @@ the published model was trained with) plus `source` (where the published model i
 
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ..artifacts import save_torch
 from ..builder import ConfigError, build
-from ..checkpoints import read_checkpoint, save_run_config
+from ..checkpoints import save_run_config
 from .published import file_record, load_checked
 
 CHECKPOINT = "imported.ckpt"
@@ -30,7 +29,7 @@ def import_model(cfg: DictConfig) -> Path:
     if not cfg.get("source") or not cfg.get("weights"):
         raise ConfigError("import needs source=<hub id, folder or file of the published model> and a weights "
                           "converter (a published=<name> config, conf/published/, sets both)")
-    _, model, _ = build(cfg)
+    _, model, _ = build(cfg, read_data=False)  # weights only: CIFAR-10 itself is not needed (offline)
     network = model.denoiser.network
     state = instantiate(cfg.weights)(source=cfg.source, denoiser=model.denoiser)
     load_checked(network, state, cfg.source)
@@ -43,15 +42,3 @@ def import_model(cfg: DictConfig) -> Path:
     save_torch(checkpoint, path)
     print(f"imported {cfg.source} -> {path} (config {run_dir / 'config.yaml'})")
     return path
-
-
-def load_weights(model: torch.nn.Module, ckpt_path) -> torch.nn.Module:
-    """Start training from a checkpoint's weights (an imported one, or any of ours): the state dict only, checked.
-
-    Optimizer, step and loops start fresh; EMA starts from these weights.
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={ckpt_path} does not exist (an import writes <run_dir>/checkpoints/"
-                                f"{CHECKPOINT})")
-    return load_checked(model, read_checkpoint(path)["state_dict"], path)

@@ -6,6 +6,7 @@ and 10 logits (the role Inception-V3's pool3 and logits play for FID and IS). Th
 `fd_digits-cnn`, `kd_digits-cnn_*`, `cs_digits-cnn_*` and are never comparable with Inception FID.
 """
 
+import math
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ...networks.digits_cnn import IMAGE_SIZE, DigitsCNN
 from ..artifacts import default_cache_dir, save_torch
 from ..data.base import from_uint8
 from ..data.digits import DigitsDataModule
+from ..progress import progress_bar
 from .images import fidelity_images
 
 NAME = "digits-cnn"
@@ -81,7 +83,7 @@ if NAME not in FEATURE_EXTRACTORS_REGISTRY:
 
 
 def train_digits_extractor(out, epochs: int = 20, seed: int = 0, batch_size: int = 64, lr: float = 2e-3,
-                           width: int = 16, feature_dim: int = 64) -> dict:
+                           width: int = 16, feature_dim: int = 64, progress: bool = True) -> dict:
     """Train DigitsCNN on the digits' train split (DigitsDataModule seed 0), save it to `out`; returns its record.
 
     Images go through the same uint8 round trip as every evaluated image, so the extractor sees what it will read.
@@ -91,12 +93,12 @@ def train_digits_extractor(out, epochs: int = 20, seed: int = 0, batch_size: int
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bitwise the same weights on any machine, and far faster for a net this small
     try:
-        return _train(out, epochs, seed, batch_size, lr, width, feature_dim)
+        return _train(out, epochs, seed, batch_size, lr, width, feature_dim, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(out, epochs, seed, batch_size, lr, width, feature_dim) -> dict:
+def _train(out, epochs, seed, batch_size, lr, width, feature_dim, progress) -> dict:
     torch.manual_seed(seed)
     data = DigitsDataModule(seed=0)
     x, y = data.train_tensor(labels=True)
@@ -106,15 +108,18 @@ def _train(out, epochs, seed, batch_size, lr, width, feature_dim) -> dict:
     net = DigitsCNN(width, feature_dim)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
-            # a random shift of up to one pixel, so that slightly misplaced strokes still land on the class
-            shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
-            batch = torch.roll(x[idx], shifts=shift, dims=(-2, -1))
-            loss = F.cross_entropy(net(batch)[1], y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    with progress_bar(epochs * math.ceil(len(x) / batch_size), "training digits-cnn", progress, "step") as bar:
+        for epoch in range(epochs):
+            for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+                # a random shift of up to one pixel, so that slightly misplaced strokes still land on the class
+                shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
+                batch = torch.roll(x[idx], shifts=shift, dims=(-2, -1))
+                loss = F.cross_entropy(net(batch)[1], y[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3g}")
     net.eval()
     with torch.no_grad():
         accuracy = float((net(x_val)[1].argmax(1) == y_val).float().mean())

@@ -48,11 +48,12 @@ def class_labels(n: int, num_classes: int, device=None) -> Tensor | None:
 def generate_shard(model, n: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
                    sampler: Callable | None = None, grid: Callable | None = None, guidance_scale: float | None = None,
                    on_samples: Callable[[int], None] | None = None,
-                   between_rounds: Callable[[], None] | None = None) -> tuple[Tensor, Tensor, int]:
+                   between_rounds: Callable[[], None] | None = None,
+                   on_call: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor, int]:
     """This rank's share of n samples of seed set `seed`: (sample indices, samples on the CPU, NFE per sample).
 
-    `on_samples(k)` hears of every k samples done (a progress bar's update); `between_rounds()` is called after
-    every round on every rank alike (a stop point).
+    `on_samples(k)` hears of every k samples done, `on_call(nfe)` of every network evaluation (progress bars);
+    `between_rounds()` is called after every round on every rank alike (a stop point).
     """
     labels = class_labels(n, model.num_classes)
     index, chunks, nfe = [], [], 0
@@ -61,7 +62,8 @@ def generate_shard(model, n: int, seed: int, batch_size: int, rank: int = 0, wor
             k, start, stop = chunk
             generator = torch.Generator().manual_seed(chunk_seed(seed, k))
             chunk_labels = labels[start:stop].to(model.device) if labels is not None else None
-            x, nfe = model.generate(stop - start, chunk_labels, guidance_scale, sampler, grid, generator)
+            x, nfe = model.generate(stop - start, chunk_labels, guidance_scale, sampler, grid, generator,
+                                    on_call=on_call)
             index.append(torch.arange(start, stop))
             chunks.append(x.cpu())
             if on_samples is not None:
