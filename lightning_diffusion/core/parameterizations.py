@@ -10,7 +10,8 @@ sigma_data^2), for networks trained here (1 for VP when sigma_data = 1), or `uns
 network that read x_t as it is (score-SDE's sub-VP and VE, EDM's VEPrecond). The noise input c_noise is the
 parameterization's choice too (EDM, Table 1): networks
 trained here read `quarter_log_sigma` = ln(sigma~) / 4 = -logsnr / 8 under every process, so any network runs under any
-process; a published network reads what it was trained on (DDPM's integer step, score-SDE's 999 t, VE's ln(sigma / 2)).
+process; a published network reads what it was trained on (DDPM's integer step, score-SDE's 999 t, VE's ln(sigma / 2),
+iDDPM's nearest step).
 """
 
 from collections.abc import Callable
@@ -35,6 +36,18 @@ def ddpm_step(process: Process, t: Tensor) -> Tensor:
         raise ValueError(f"ddpm_step is the noise input of a discrete process (DiscreteDDPM), got {process!r}: use "
                          "scaled_time for a continuous VP network")
     return t - 1
+
+
+def nearest_ddpm_step(process: Process, t: Tensor) -> Tensor:
+    """c_noise = i - 1 for the step i in 0..T whose sigma~_i lies nearest sigma~(t): the 0-based step of the table
+    level closest to any noise level (EDM's iDDPMPrecond, M - 1 - argmin_j |u_j - sigma| over u_j = sigma~_{M-j};
+    Karras et al. 2022, Table 1, for improved DDPM's networks, Nichol & Dhariwal 2021)."""
+    if not process.discrete:
+        raise ValueError(f"nearest_ddpm_step rounds to the steps of a discrete process (DiscreteDDPM), got {process!r}")
+    t = torch.as_tensor(t)
+    table = process.sigma_tilde(torch.arange(process.T + 1, dtype=torch.float64, device=t.device))
+    distance = (process.sigma_tilde(t.to(torch.float64)).reshape(-1, 1) - table).abs()
+    return (distance.argmin(1) - 1).to(torch.float64).reshape(t.shape)
 
 
 def scaled_time(process: Process, t: Tensor, scale: float = 999.0) -> Tensor:

@@ -27,14 +27,14 @@ class PositionalEmbedding(nn.Module):
         if dim < 2 or dim % 2:
             raise ValueError(f"PositionalEmbedding dim must be an even integer >= 2, got {dim}")
         self.dim, self.scale = dim, self.default_scale if scale is None else float(scale)
-        self.cos_first = cos_first
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32)
-                          / (max(half - 1, 1) if endpoint else half))
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.cos_first, self.log_period = cos_first, math.log(max_period)
+        self.denominator = max(dim // 2 - 1, 1) if endpoint else dim // 2
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        args = (self.scale * c_noise.float())[:, None] * self.freqs[None, :]
+        dtype = torch.promote_types(c_noise.dtype, torch.float32)  # float32 at least; a float64 network's in float64
+        k = torch.arange(self.dim // 2, dtype=dtype, device=c_noise.device)
+        freqs = torch.exp(-self.log_period * k / self.denominator)
+        args = (self.scale * c_noise.to(dtype))[:, None] * freqs[None, :]
         return torch.cat([args.cos(), args.sin()] if self.cos_first else [args.sin(), args.cos()], dim=1)
 
 
@@ -52,7 +52,8 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(dim // 2) * self.scale)
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        args = 2 * math.pi * c_noise.float()[:, None] * self.freqs.float()[None, :]
+        dtype = torch.promote_types(c_noise.dtype, torch.float32)
+        args = 2 * math.pi * c_noise.to(dtype)[:, None] * self.freqs.to(dtype)[None, :]
         return torch.cat([args.sin(), args.cos()], dim=1)
 
 

@@ -1,5 +1,7 @@
 """Every parameterization maps its paper's target to the exact x_0, and round-trips through D."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,7 @@ from helpers import FixedOutput
 from lightning_diffusion.core.oracles import Gaussian
 from lightning_diffusion.core.denoiser import Denoised, Denoiser, eps_from_denoiser, score_from_denoiser
 from lightning_diffusion.core.parameterizations import (EDMPreconditioning, EpsPrediction, FlowVelocity,
-                                                        ScorePrediction, VPrediction, X0Prediction)
+                                                        ScorePrediction, VPrediction, X0Prediction, nearest_ddpm_step)
 from lightning_diffusion.core.processes import EDMProcess, RectifiedFlow, VESDE, VPSDE, cosine_betas, ddpm
 
 PROCESSES = [VPSDE(), VESDE(), EDMProcess(), RectifiedFlow(), ddpm(cosine_betas, T=100)]
@@ -109,3 +111,23 @@ def test_learned_variance_splits_channels():
 def test_bad_sigma_data():
     with pytest.raises(ValueError, match="sigma_data"):
         EDMPreconditioning(sigma_data=0.0)
+
+
+def test_nearest_ddpm_step_is_iddpm_preconditionings_noise_input():
+    """EDM's iDDPMPrecond (Karras et al. 2022, Table 1): u_M = 0, u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1) / abar(j),
+    C_1) - 1) with abar(j) = sin^2(pi j / (2 M (1 + C_2))), and c_noise = M - 1 - argmin_j |u_j - sigma|: the table
+    is the cosine schedule's sigma~ at the steps, and the noise input the nearest step's 0-based index."""
+    M, C_1, C_2 = 1000, 0.001, 0.008
+    abar = lambda j: math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2  # noqa: E731
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(abar(j - 1) / abar(j), C_1) - 1)
+    u = torch.tensor(u, dtype=torch.float64)
+    process = ddpm(cosine_betas, T=M, s=C_2, max_beta=1 - C_1)
+    torch.testing.assert_close(process.sigma_tilde(torch.arange(M, -1, -1, dtype=torch.float64)), u, rtol=1e-9, atol=0)
+    sigma = torch.exp(torch.linspace(math.log(float(u[M - 1])), math.log(float(u[0])), 301, dtype=torch.float64))
+    t = process.t_of_sigma_tilde(sigma)
+    expected = M - 1 - (sigma[:, None] - u[None, :]).abs().argmin(1)
+    assert torch.equal(nearest_ddpm_step(process, t), expected.to(torch.float64))
+    with pytest.raises(ValueError, match="rounds to the steps of a discrete process"):
+        nearest_ddpm_step(VPSDE(), torch.tensor([0.5]))

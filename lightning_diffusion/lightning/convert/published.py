@@ -5,12 +5,17 @@ loading a state dict into a module with an error naming the file and what it exp
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..offline import hub_access
+
+StateDict = dict[str, Tensor]
+Layout = Callable[[StateDict], StateDict]  # a published state dict, whole, in its authors' names -> the network's: it
+# may rename, drop (buffers the network recomputes), merge and split entries, and reorder rows (e.g. fused qkv)
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
