@@ -53,10 +53,11 @@ def check_keys(records: list[dict], keys: list[str]) -> None:
 
 
 def protocol_of(record: dict) -> dict:
-    """The record's keys that must agree for it to pool with others: all but its seeds and the names of its run."""
+    """The record's keys that must agree for it to pool with others: all but its seeds and the names of its run
+    (a key set to null counts as absent: an option added to the configs later, off, as in runs written before)."""
     run_dir = str(record["run_dir"])
-    return {k: v for k, v in record["keys"].items()
-            if k not in SEED_KEYS and k not in RUN_KEYS and not (isinstance(v, str) and run_dir in v)}
+    return {k: v for k, v in record["keys"].items() if v is not None
+            and k not in SEED_KEYS and k not in RUN_KEYS and not (isinstance(v, str) and run_dir in v)}
 
 
 def check_one_protocol(cell: tuple[str, str], group: list[dict]) -> None:
