@@ -348,7 +348,7 @@ def network_config(kw: dict, architecture: Architecture) -> str:
 def edm_weights(source: str, denoiser: Denoiser) -> StateDict:
     """The network's state dict from an exported EDM network: EDM's `model.*` entries through its U-Net's layout."""
     export = read_export(source)
-    _, kw = precond_kwargs(export, source)
+    precond, kw = precond_kwargs(export, source)
     architecture = ARCHITECTURES.get(kw["model_type"])
     if architecture is None:
         raise ValueError(f"{source}: model_type={kw['model_type']!r} is none of EDM's U-Nets {sorted(ARCHITECTURES)}")
@@ -357,10 +357,11 @@ def edm_weights(source: str, denoiser: Denoiser) -> StateDict:
     network = denoiser.network
     try:
         state = unet_layout(network, architecture)(theirs)
-        check_state_dict(network, state, source)
+        check_state_dict(network, state, f"EDM's {kw['model_type']} converted")
         check_structure(network, architecture, {k: v for k, v in theirs.items() if k.endswith("resample_filter")},
                         positional="map_noise.freqs" not in theirs)
     except ValueError as err:
-        raise ValueError(f"{source}: {err}. The export is EDM's {kw['model_type']}; the network config must build "
-                         f"it: {network_config(kw, architecture)}") from err
+        raise ValueError(f"{source}: {err}. The export is EDM's {export['precond']} over {kw['model_type']}; the "
+                         f"config must build it: {precond.config(kw)}, with {network_config(kw, architecture)}") \
+            from err
     return state
