@@ -142,7 +142,7 @@ def test_tables_show_every_recipes_paper_column(folders, tmp_path, capsys):
         OmegaConf.save(recipe_config(recipe, folders, run), run / "config.yaml")
         (run / "metrics.json").write_text(json.dumps({"fid": 9.99}))
     tables([str(runs), "--rows", "paper.source", "--metric", "fid", "--out", str(tmp_path / "tables")])
-    table = (tmp_path / "tables" / "fid.md").read_text().splitlines()
+    table = (tmp_path / "tables" / "fid-by-paper.source.md").read_text().splitlines()
     assert table[0] == "| source | fid | paper |"
     for recipe, paper in RECIPES.items():
         source = compose_config([f"experiment={recipe}"]).paper.source

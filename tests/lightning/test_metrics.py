@@ -213,7 +213,7 @@ class _FakeModel:
 
     num_classes, sample_shape, device = 10, (1, 2, 2), torch.device("cpu")
 
-    def generate(self, n, labels=None, guidance_scale=None, sampler=None, grid=None, generator=None):
+    def generate(self, n, labels=None, guidance_scale=None, sampler=None, grid=None, generator=None, on_call=None):
         return torch.randn(n, 1, 2, 2, generator=generator) + labels[:, None, None, None], 7
 
 
