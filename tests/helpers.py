@@ -45,6 +45,8 @@ FAST = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.max_steps=4"
         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.sample_grid.n=4",
         "callbacks.final_samples.n_per_class=1", "callbacks.final_samples.n_unconditional=8",
         "callbacks.checkpoint.every_n_train_steps=2"]
+# a tiny training run: a checkpoint in seconds, nothing drawn at its end
+TINY = FAST + ["network.channels=16", "callbacks.final_samples=null", "callbacks.sample_grid=null", "grid.steps=5"]
 
 
 def relative_distance(a: dict, b: dict) -> float:

@@ -13,15 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import FAST, compose_config, entry_point_env
+from helpers import FAST, TINY, compose_config, entry_point_env
 from lightning_diffusion.lightning.builder import ConfigError, build
 from lightning_diffusion.lightning.checkpoints import resolve_ckpt_path
 from lightning_diffusion.lightning.data import ImageDataModule
 from lightning_diffusion.lightning.loggers import run_id
 from lightning_diffusion.train import train
-
-TINY = FAST + ["network.channels=16", "callbacks.final_samples=null", "callbacks.sample_grid=null", "grid.steps=5"]
-
 
 # ---- a run directory remembers what it trained -------------------------------------------------------------------
 @pytest.fixture(scope="module")

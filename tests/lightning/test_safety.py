@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers import FAST, compose_config, entry_point_env
+from helpers import TINY, compose_config, entry_point_env
 from lightning_diffusion.lightning import artifacts
 from lightning_diffusion.lightning.checkpoints import (AtomicCheckpointIO, init_from, load_first_stage, load_model,
                                                        read_checkpoint, resolve_ckpt_path, run_lock)
@@ -32,9 +32,6 @@ from lightning_diffusion.lightning.data.zip import ZipDataModule
 from lightning_diffusion.lightning.errors import ConfigError
 from lightning_diffusion.lightning.evaluation import checkpoint_has_ema
 from lightning_diffusion.train import train
-
-TINY = FAST + ["network.channels=16", "callbacks.final_samples=null", "callbacks.sample_grid=null", "grid.steps=5"]
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
